@@ -1,0 +1,232 @@
+"""Stage outputs: atomic directories with a manifest, fingerprints, and a one-writer lock.
+
+Every stage writes into ``<out>.tmp-<pid>-<random>`` and renames it to ``<out>`` only when everything is written,
+with ``manifest.json`` last inside it. A directory without a complete manifest is never accepted as input.
+
+manifest.json::
+
+    {"stage": "prepare", "artifact": "prepared_dataset", "kubetune_version": "0.1.0",
+     "fingerprint": "<sha256 of inputs + config>", "inputs": {...}, "config": {...}, "counts": {...},
+     "created_at": "2026-11-28T01:02:03Z", "complete": true}
+
+Re-running a stage whose output exists with the same fingerprint is a no-op that says so; a different fingerprint
+refuses unless ``overwrite=True``. Two writers on the same output: the second gets a clear error. The lock is an
+``flock`` on a file next to the output, so a dead process never holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+ARTIFACT_OF_STAGE = {
+    "prepare": "prepared_dataset",
+    "pack": "packed_dataset",
+    "train": "adapter",
+    "evaluate": "eval_report",
+    "register": "registered_model",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    try:
+        return _v("kubetune")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 over a canonical JSON of ``parts`` (config sections, input fingerprints, file digests)."""
+    return hashlib.sha256(_canonical(list(parts)).encode()).hexdigest()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    """Digest of the files under ``path`` (names and contents), stable across machines."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted({p for pat in patterns for p in root.rglob(pat) if p.is_file()})
+    for p in files:
+        h.update(str(p.relative_to(root)).encode())
+        h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path, stage: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete stage output, or a UserError saying what to run."""
+    d = Path(path)
+    expected = ARTIFACT_OF_STAGE.get(stage or "", "stage output")
+    mf = d / MANIFEST
+    if not d.is_dir():
+        raise UserError(f"{d}: not found; expected a {expected} directory" +
+                        (f" (run `kubetune {stage}` first)" if stage else ""))
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
+        raise UserError(f"{d}: incomplete or not a kubetune output (no complete {MANIFEST}); "
+                        f"re-run the stage that writes it" + (f" (`kubetune {stage}`)" if stage else ""))
+    if stage and manifest.get("stage") != stage:
+        raise UserError(f"{d}: is a `{manifest.get('stage')}` output, expected a {expected} from `kubetune {stage}`")
+    return manifest
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking flock next to ``out`` for the duration; refuse a second writer."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise UserError(f"{out}: another kubetune run is writing here ({holder}); wait for it to finish or "
+                            "choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+@dataclass
+class StageWriter:
+    """Handle given to a stage body: write files under ``tmp``; fill ``counts`` and ``extra``."""
+
+    out: Path
+    tmp: Path
+    stage: str
+    fingerprint: str
+    inputs: dict[str, Any]
+    config: dict[str, Any]
+    up_to_date: bool = False
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with contextlib.suppress(OSError), open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def sweep_stale_tmp(out: Path) -> None:
+    """Remove temporary folders that a killed writer of ``out`` left behind (we hold the lock)."""
+    for p in out.parent.glob(f"{out.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stage_output(out: str | Path, stage: str, fp: str, *, inputs: dict[str, Any], config: dict[str, Any],
+                 overwrite: bool = False, lock: bool = True) -> Iterator[StageWriter]:
+    """Write a stage's output atomically.
+
+    Yields a :class:`StageWriter`. If ``up_to_date`` is True the output already exists with this fingerprint:
+    the body should return at once (nothing is rewritten). Otherwise the body writes into ``writer.tmp``; on a
+    clean exit the manifest is written and the folder renamed into place; on an exception the temp folder is
+    removed and nothing at ``out`` changes.
+    """
+    out = Path(out)
+    guard = output_lock(out) if lock else contextlib.nullcontext()
+    with guard:
+        if out.exists():
+            try:
+                existing = read_manifest(out)
+            except UserError:
+                existing = None
+            if existing and existing.get("fingerprint") == fp and existing.get("stage") == stage:
+                log.info("%s: up to date (same inputs and config, fingerprint %s); nothing to do", out, fp[:12])
+                yield StageWriter(out, out, stage, fp, inputs, config, up_to_date=True,
+                                  counts=existing.get("counts", {}))
+                return
+            if existing and not overwrite:
+                raise UserError(f"{out}: holds a different `{existing.get('stage')}` output (fingerprint "
+                                f"{str(existing.get('fingerprint'))[:12]} != {fp[:12]}); pass --overwrite to replace "
+                                "it or choose another output folder")
+            if not existing and any(out.iterdir()) and not overwrite:
+                raise UserError(f"{out}: exists and is not a complete kubetune output; remove it, pass "
+                                "--overwrite, or choose another output folder")
+        sweep_stale_tmp(out)
+        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+        tmp.mkdir(parents=True)
+        writer = StageWriter(out, tmp, stage, fp, inputs, config)
+        try:
+            yield writer
+            manifest = {
+                "stage": stage,
+                "artifact": ARTIFACT_OF_STAGE.get(stage, stage),
+                "kubetune_version": version(),
+                "fingerprint": fp,
+                "inputs": inputs,
+                "config": config,
+                "counts": writer.counts,
+                **writer.extra,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "complete": True,
+            }
+            _fsync_tree(tmp)
+            mf_tmp = tmp / (MANIFEST + ".part")
+            mf_tmp.write_text(json.dumps(manifest, indent=2, default=str))
+            with open(mf_tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(mf_tmp, tmp / MANIFEST)
+            if out.exists():
+                old = out.parent / f"{out.name}.old-{secrets.token_hex(3)}"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny tokenizer and Llama built in-process (hermetic), and the shared data folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Question: what is two plus two? Answer: four.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Once upon a time there was a little girl named Lily who loved to play outside.",
+    "user assistant system answer question instruction response input output",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ? ! . , : ; ( ) [ ] { } ' \"",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+def build_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer (vocab ~300) trained in-process; every string is encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + BPE tokenizer with a ChatML template (generation markers included)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama with a tokenizer that has no chat template (like a base model)."""
+    d = tmp_path_factory.mktemp("tiny-llama-base")
+    tok = build_tiny_tokenizer(chat_template=None)
+    model = build_tiny_model(tok)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """../shared/data/stories260K/hf: a real tiny pretrained Llama (skip when the folder is absent)."""
+    d = SHARED_DATA / "stories260K" / "hf"
+    if not (d / "config.json").is_file():
+        pytest.skip(f"{d} is absent (it ships beside the project in ../shared/data, not in a fresh clone)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def lima_path() -> Path:
+    p = SHARED_DATA / "lima" / "lima_train_1022_single_turn.jsonl"
+    if not p.is_file():
+        pytest.skip(f"{p} is absent (../shared/data is not part of a fresh clone)")
+    return p
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
