@@ -1,0 +1,192 @@
+"""Finding and loading base models: a hub id, a local Hugging Face folder, or a ``.gguf`` file.
+
+A ``.gguf`` file is dequantised and converted once into an HF folder cached under ``model.cache_dir`` (or
+``$KUBETUNE_CACHE``, else ``~/.cache/kubetune``), keyed by the file's sha256, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.artifacts import dir_digest, file_digest
+from kubetune.config import ModelConfig, QuantConfig
+from kubetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # what the user gave (hub id, folder, .gguf file)
+    path: str  # what from_pretrained gets (hub id or local folder)
+    local: bool
+    revision: str | None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
+
+
+def cache_root(model_cfg: ModelConfig) -> Path:
+    root = model_cfg.cache_dir or os.environ.get("KUBETUNE_CACHE") or "~/.cache/kubetune"
+    return Path(root).expanduser()
+
+
+def _check_local_folder(p: Path) -> None:
+    if not (p / "config.json").is_file():
+        raise UserError(f"model folder {p}: no config.json; point model.name_or_path at a Hugging Face model folder "
+                        "(save_pretrained output), a .gguf file, or a hub id")
+    if not any(next(p.glob(pat), None) for pat in WEIGHT_PATTERNS):
+        raise UserError(f"model folder {p}: no weights (*.safetensors or *.bin); the folder is incomplete, "
+                        "copy or download the weights into it")
+
+
+def convert_gguf(gguf: Path, model_cfg: ModelConfig) -> Path:
+    """Dequantise a GGUF file once into a cached HF folder; return the folder."""
+    digest = file_digest(gguf)[:16]
+    dest = cache_root(model_cfg) / "gguf" / f"{gguf.stem}-{digest}"
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once; cached at %s)", gguf, dest)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # the converter raises many types for unsupported files
+        raise UserError(f"model file {gguf}: cannot be read as a GGUF model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); use an HF folder or a hub id instead") from None
+    # The tensors are plain floats after dequantisation; drop the GGUF quantizer marker so the model saves as a
+    # normal HF checkpoint.
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+    tmp = dest.parent / f"{dest.name}.tmp-{secrets.token_hex(3)}"
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if dest.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def resolve(model_cfg: ModelConfig) -> ResolvedModel:
+    """Where the base model is. Local paths are checked now; hub ids when loaded."""
+    name = model_cfg.name_or_path.strip()
+    if not name:
+        raise UserError("config key `model.name_or_path` is empty; set a hub id, a local model folder or a .gguf file")
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise UserError(f"model path {p}: a file that is not .gguf; pass the model's folder or a .gguf file")
+            return ResolvedModel(name, str(convert_gguf(p.resolve(), model_cfg)), True, None)
+        _check_local_folder(p)
+        return ResolvedModel(name, str(p.resolve()), True, None)
+    if _looks_like_path(name):
+        raise UserError(f"model path {p}: not found; check `model.name_or_path` (a local folder, a .gguf file, "
+                        "or a hub id like `facebook/opt-1.3b`)")
+    return ResolvedModel(name, name, False, model_cfg.revision)
+
+
+def _hub_error(resolved: ResolvedModel, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return UserError(f"model {resolved.source!r}: cannot be loaded ({first}); check the hub id and revision, set "
+                     "HF_TOKEN for gated models, or point model.name_or_path at a local folder")
+
+
+def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None):
+    """The tokenizer, with ``model.chat_template`` applied and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    resolved = resolved or resolve(model_cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code,
+                                            cache_dir=model_cfg.cache_dir)
+    except (OSError, ValueError) as err:
+        raise _hub_error(resolved, err) from None
+    if model_cfg.chat_template:
+        tok.chat_template = model_cfg.chat_template
+    if tok.pad_token_id is None:
+        # Padding never reaches the loss (labels are -100 there); any existing token will do.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def bnb_config(quant: QuantConfig):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("method `qlora` needs bitsandbytes; install the `gpu` extra "
+                        "(pip install 'kubetune[gpu]') or use method `lora`") from None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
+
+
+def load_model(model_cfg: ModelConfig, *, dtype: str = "fp32", quant: QuantConfig | None = None,
+               device: str = "cpu", resolved: ResolvedModel | None = None, **kwargs: Any):
+    """The causal LM in ``dtype`` (``fp32|bf16|fp16``), quantised by bitsandbytes when ``quant`` is given."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolved or resolve(model_cfg)
+    load_kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "revision": resolved.revision,
+                                   "trust_remote_code": model_cfg.trust_remote_code,
+                                   "cache_dir": model_cfg.cache_dir, **kwargs}
+    if quant is not None:
+        load_kwargs["quantization_config"] = bnb_config(quant)
+        load_kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(resolved, err) from None
+    if quant is None and device != "cpu":
+        model.to(device)
+    return model
+
+
+def weights_sha256(resolved: ResolvedModel) -> str | None:
+    """Digest of the base weights, so an adapter records exactly which base it was trained on."""
+    folder: Path | None = Path(resolved.path) if resolved.local else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(resolved.path, revision=resolved.revision, local_files_only=True,
+                                            allow_patterns=list(WEIGHT_PATTERNS)))
+        except Exception:  # not cached / offline: the revision still identifies it
+            return None
+    return dir_digest(folder, WEIGHT_PATTERNS)
+
+
+def base_reference(resolved: ResolvedModel, model_cfg: ModelConfig) -> dict[str, Any]:
+    return {"name_or_path": resolved.source, "revision": resolved.revision, "resolved_path": resolved.path,
+            "weights_sha256": weights_sha256(resolved), "local": resolved.local}
