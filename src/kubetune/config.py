@@ -133,8 +133,8 @@ class TrainConfig:
     activation_checkpointing: str = _f("auto", "`auto` turns it on only when memory requires it.",
                                        choices=("auto", "on", "off"))
     threads: int = _f(0, "Torch intra-op threads; 0 uses the cores this process may run on.", minimum=0)
-    loss_tokens_only_head: bool = _f(True, "Compute the LM head and loss only on tokens that carry loss "
-                                           "(same loss, less compute and memory).")
+    optim: str = _f("auto", "Optimizer: `auto` picks fused AdamW where torch supports it, else AdamW.",
+                    choices=("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"))
     compile: bool = _f(False, "torch.compile the model (pays off only on long runs).")
     ipex: bool = _f(False, "Apply intel-extension-for-pytorch (only in the cpu-ipex image, torch 2.8).")
     logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)

@@ -1,0 +1,300 @@
+"""`kubetune` command line: argument parsing only; every command calls a library function.
+
+    kubetune prepare|pack|train|evaluate|register --config FILE [--set KEY=VALUE ...]
+    kubetune run --config FILE [--set KEY=VALUE ...]        all stages in order, locally
+    kubetune generate --config FILE --adapter DIR --prompt "..."
+    kubetune ui --config FILE                               MLflow UI on the run's tracking store
+    kubetune config [--config FILE] [--explain]             the resolved config, or every key documented
+    kubetune pipeline compile|run|upload|submit|schedule    Kubeflow Pipelines (see `kubetune pipeline --help`)
+
+Exit codes: 0 done, 2 bad input (one line naming the file/row/key), 3 preempted (run again to resume), 1 other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import EXIT_FAILURE, EXIT_OK, Preempted, UserError
+
+log = logging.getLogger("kubetune")
+
+STAGE_DIRS = {"prepare": "prepared", "pack": "packed", "train": "adapter", "evaluate": "eval",
+              "register": "registered"}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        for noisy in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3",
+                      "mlflow", "alembic", "huggingface_hub", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        try:
+            import datasets
+            import transformers
+
+            datasets.disable_progress_bars()
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError:
+            pass
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config (see configs/ for presets)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.r=8 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output with other inputs")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging, library warnings shown")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 done, 2 bad input, 3 preempted (rerun to resume), 1 other.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="raw dataset -> prepared_dataset")
+    _config_args(p)
+    p.add_argument("--data", help="dataset path or hub id (same as --set data.path=...)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/prepared)")
+
+    p = sub.add_parser("pack", help="prepared_dataset -> packed_dataset")
+    _config_args(p)
+    p.add_argument("--prepared", help="prepared_dataset folder (default: <output_dir>/prepared)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/packed)")
+
+    p = sub.add_parser("train", help="packed_dataset -> adapter (LoRA / QLoRA)")
+    _config_args(p)
+    p.add_argument("--packed", help="packed_dataset folder (default: <output_dir>/packed)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/adapter)")
+
+    p = sub.add_parser("evaluate", help="adapter + held-out rows -> eval_report")
+    _config_args(p)
+    for name in ("adapter", "packed", "prepared"):
+        p.add_argument(f"--{name}", help=f"{name} folder (default: under <output_dir>)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/eval)")
+
+    p = sub.add_parser("register", help="adapter + eval_report -> MLflow run, model version, promotion gate")
+    _config_args(p)
+    for name in ("adapter", "eval-report", "packed", "prepared"):
+        p.add_argument(f"--{name}", help=f"{name} folder (default: under <output_dir>)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/registered)")
+
+    p = sub.add_parser("run", help="all stages in order on this machine")
+    _config_args(p, required=True)
+
+    p = sub.add_parser("generate", help="answer prompts with the base model + adapter (or a merged model)")
+    _config_args(p)
+    p.add_argument("--adapter", help="adapter or merged model folder (default: <output_dir>/adapter)")
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable); stdin if none")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store of a config")
+    _config_args(p)
+    p.add_argument("--port", type=int, default=5000)
+
+    p = sub.add_parser("config", help="print the resolved config, or --explain every key")
+    _config_args(p)
+    p.add_argument("--explain", action="store_true", help="every key with its default and documentation")
+
+    sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, run --local, upload, submit, schedule",
+                   add_help=False)
+    return parser
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from kubetune import config
+
+    return config.load(args.config, list(args.set) + list(extra or []))
+
+
+def _dir(cfg, explicit: str | None, stage: str) -> Path:
+    return Path(explicit) if explicit else Path(cfg.output_dir) / STAGE_DIRS[stage]
+
+
+def _print(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    extra = [f"data.path={args.data}"] if getattr(args, "data", None) else []
+    cfg = _load(args, extra)
+    ow = args.overwrite
+    if args.command == "prepare":
+        from kubetune.prepare import prepare
+
+        out = prepare(cfg, _dir(cfg, args.out, "prepare"), overwrite=ow)
+    elif args.command == "pack":
+        from kubetune.pack import pack
+
+        out = pack(cfg, _dir(cfg, args.prepared, "prepare"), _dir(cfg, args.out, "pack"), overwrite=ow)
+    elif args.command == "train":
+        from kubetune.train import train
+
+        out = train(cfg, _dir(cfg, args.packed, "pack"), _dir(cfg, args.out, "train"), overwrite=ow)
+    elif args.command == "evaluate":
+        from kubetune.evaluation import evaluate
+
+        out = evaluate(cfg, _dir(cfg, args.adapter, "train"), _dir(cfg, args.packed, "pack"),
+                       _dir(cfg, args.prepared, "prepare"), _dir(cfg, args.out, "evaluate"), overwrite=ow)
+    else:
+        from kubetune.register import register
+
+        out = register(cfg, _dir(cfg, args.adapter, "train"), _dir(cfg, args.eval_report, "evaluate"),
+                       _dir(cfg, args.out, "register"), prepared=_dir(cfg, args.prepared, "prepare"),
+                       packed=_dir(cfg, args.packed, "pack"), overwrite=ow)
+    _print(f"{args.command}: done -> {out}")
+    return EXIT_OK
+
+
+def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
+    """Every stage in order under ``cfg.output_dir``; returns the output folders."""
+    from kubetune.evaluation import evaluate
+    from kubetune.pack import pack
+    from kubetune.prepare import prepare
+    from kubetune.register import register
+    from kubetune.train import train
+
+    root = Path(cfg.output_dir)
+    d = {stage: root / name for stage, name in STAGE_DIRS.items()}
+    log.info("[1/5] prepare -> %s", d["prepare"])
+    prepare(cfg, d["prepare"], overwrite=overwrite)
+    log.info("[2/5] pack -> %s", d["pack"])
+    pack(cfg, d["prepare"], d["pack"], overwrite=overwrite)
+    log.info("[3/5] train -> %s", d["train"])
+    train(cfg, d["pack"], d["train"], overwrite=overwrite)
+    log.info("[4/5] evaluate -> %s", d["evaluate"])
+    evaluate(cfg, d["train"], d["pack"], d["prepare"], d["evaluate"], overwrite=overwrite)
+    if cfg.tracking.enabled:
+        log.info("[5/5] register -> %s", d["register"])
+        register(cfg, d["train"], d["evaluate"], d["register"], prepared=d["prepare"], packed=d["pack"],
+                 overwrite=overwrite)
+    return d
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "n/a" if v is None else str(v)
+
+
+def run_summary(dirs: dict[str, Path]) -> str:
+    """The closing summary: the eval comparison and where everything is."""
+    lines = []
+    metrics_path = dirs["evaluate"] / "metrics.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        lines.append("")
+        lines.append(f"{'metric':<16}{'base':>12}{'adapter':>12}")
+        for key, label in (("eval_loss", "eval loss"), ("eval_perplexity", "perplexity"),
+                           ("exact_match", "exact match"), ("rouge_l", "ROUGE-L")):
+            if key in m:
+                lines.append(f"{label:<16}{_fmt(m.get('base_' + key)):>12}{_fmt(m.get(key)):>12}")
+    summary_path = dirs["train"] / "training_summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        lines.append(f"\ntrained {s.get('global_step')} steps, {s.get('tokens_seen', 0):,} tokens at "
+                     f"{s.get('train_tokens_per_second', 0):.0f} tokens/s")
+    lines.append("")
+    for stage, path in dirs.items():
+        if path.exists():
+            lines.append(f"  {STAGE_DIRS[stage] + '/':<12} {path}")
+    reg = dirs["register"] / "registration.json"
+    if reg.is_file():
+        r = json.loads(reg.read_text())
+        lines.append(f"\nMLflow: {r.get('tracking_uri')}  experiment {r.get('experiment')!r}  run {r.get('run_id')}")
+        if r.get("version"):
+            lines.append(f"model {r.get('model_name')} v{r.get('version')}: {r.get('promotion')} "
+                         f"({r.get('promotion_reason')})")
+        if r.get("status") == "pending":
+            lines.append("MLflow was unreachable: results are kept locally; run `kubetune register` again to send")
+        lines.append(f"open it with: kubetune ui --config <this config>   (or mlflow ui --backend-store-uri "
+                     f"{r.get('tracking_uri')})")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    dirs = run_all(cfg, overwrite=args.overwrite)
+    _print(run_summary(dirs))
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kubetune.generation import generate
+
+    cfg = _load(args)
+    prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise UserError("generate: no prompts; pass --prompt TEXT (repeatable) or lines on stdin")
+    adapter = _dir(cfg, args.adapter, "train")
+    answers = generate(cfg.model, adapter, prompts, max_new_tokens=args.max_new_tokens)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        _print(f"### {prompt}\n{answer}\n")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from kubetune.tracking import resolve_uri
+
+    cfg = _load(args)
+    uri = resolve_uri(cfg)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    _print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}  ({' '.join(cmd)})")
+    os.execvp(cmd[0], cmd)
+    return EXIT_OK  # not reached
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from kubetune import config
+
+    _print(config.explain() if args.explain else config.dump(_load(args)))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "pipeline":
+        # The KFP commands live with the pipeline code; the library never imports kfp.
+        _setup_logging("-v" in argv or "--verbose" in argv)
+        return _guard(lambda: __import__("pipelines.cli", fromlist=["main"]).main(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    handlers = {"run": cmd_run, "generate": cmd_generate, "ui": cmd_ui, "config": cmd_config}
+    return _guard(lambda: handlers.get(args.command, cmd_stage)(args))
+
+
+def _guard(fn) -> int:
+    try:
+        return int(fn() or 0)
+    except UserError as err:
+        print(f"kubetune: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except Preempted as err:
+        print(f"kubetune: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("unexpected failure (a bug, or an environment problem the message above names)")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
