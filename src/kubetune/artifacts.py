@@ -90,15 +90,18 @@ def read_manifest(path: str | Path, stage: str | None = None) -> dict[str, Any]:
     expected = ARTIFACT_OF_STAGE.get(stage or "", "stage output")
     mf = d / MANIFEST
     if not d.is_dir():
-        raise UserError(f"{d}: not found; expected a {expected} directory" +
-                        (f" (run `kubetune {stage}` first)" if stage else ""))
+        raise UserError(
+            f"{d}: not found; expected a {expected} directory" + (f" (run `kubetune {stage}` first)" if stage else "")
+        )
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError):
         manifest = None
     if not isinstance(manifest, dict) or not manifest.get("complete"):
-        raise UserError(f"{d}: incomplete or not a kubetune output (no complete {MANIFEST}); "
-                        f"re-run the stage that writes it" + (f" (`kubetune {stage}`)" if stage else ""))
+        raise UserError(
+            f"{d}: incomplete or not a kubetune output (no complete {MANIFEST}); "
+            f"re-run the stage that writes it" + (f" (`kubetune {stage}`)" if stage else "")
+        )
     if stage and manifest.get("stage") != stage:
         raise UserError(f"{d}: is a `{manifest.get('stage')}` output, expected a {expected} from `kubetune {stage}`")
     return manifest
@@ -121,8 +124,10 @@ def output_lock(out: str | Path) -> Iterator[Path]:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             except OSError:
                 holder = "another process"
-            raise UserError(f"{out}: another kubetune run is writing here ({holder}); wait for it to finish or "
-                            "choose another output folder") from None
+            raise UserError(
+                f"{out}: another kubetune run is writing here ({holder}); wait for it to finish or "
+                "choose another output folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         yield lock_path
@@ -159,8 +164,16 @@ def sweep_stale_tmp(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def stage_output(out: str | Path, stage: str, fp: str, *, inputs: dict[str, Any], config: dict[str, Any],
-                 overwrite: bool = False, lock: bool = True) -> Iterator[StageWriter]:
+def stage_output(
+    out: str | Path,
+    stage: str,
+    fp: str,
+    *,
+    inputs: dict[str, Any],
+    config: dict[str, Any],
+    overwrite: bool = False,
+    lock: bool = True,
+) -> Iterator[StageWriter]:
     """Write a stage's output atomically.
 
     Yields a :class:`StageWriter`. If ``up_to_date`` is True the output already exists with this fingerprint:
@@ -178,16 +191,21 @@ def stage_output(out: str | Path, stage: str, fp: str, *, inputs: dict[str, Any]
                 existing = None
             if existing and existing.get("fingerprint") == fp and existing.get("stage") == stage:
                 log.info("%s: up to date (same inputs and config, fingerprint %s); nothing to do", out, fp[:12])
-                yield StageWriter(out, out, stage, fp, inputs, config, up_to_date=True,
-                                  counts=existing.get("counts", {}))
+                yield StageWriter(
+                    out, out, stage, fp, inputs, config, up_to_date=True, counts=existing.get("counts", {})
+                )
                 return
             if existing and not overwrite:
-                raise UserError(f"{out}: holds a different `{existing.get('stage')}` output (fingerprint "
-                                f"{str(existing.get('fingerprint'))[:12]} != {fp[:12]}); pass --overwrite to replace "
-                                "it or choose another output folder")
+                raise UserError(
+                    f"{out}: holds a different `{existing.get('stage')}` output (fingerprint "
+                    f"{str(existing.get('fingerprint'))[:12]} != {fp[:12]}); pass --overwrite to replace "
+                    "it or choose another output folder"
+                )
             if not existing and any(out.iterdir()) and not overwrite:
-                raise UserError(f"{out}: exists and is not a complete kubetune output; remove it, pass "
-                                "--overwrite, or choose another output folder")
+                raise UserError(
+                    f"{out}: exists and is not a complete kubetune output; remove it, pass "
+                    "--overwrite, or choose another output folder"
+                )
         sweep_stale_tmp(out)
         tmp = out.parent / f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
         tmp.mkdir(parents=True)

@@ -24,17 +24,38 @@ from kubetune.errors import EXIT_FAILURE, EXIT_OK, Preempted, UserError
 
 log = logging.getLogger("kubetune")
 
-STAGE_DIRS = {"prepare": "prepared", "pack": "packed", "train": "adapter", "evaluate": "eval",
-              "register": "registered"}
+STAGE_DIRS = {
+    "prepare": "prepared",
+    "pack": "packed",
+    "train": "adapter",
+    "evaluate": "eval",
+    "register": "registered",
+}
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
-        for noisy in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "urllib3",
-                      "mlflow", "alembic", "huggingface_hub", "filelock"):
+        for noisy in (
+            "transformers",
+            "datasets",
+            "peft",
+            "trl",
+            "accelerate",
+            "bitsandbytes",
+            "httpx",
+            "urllib3",
+            "mlflow",
+            "alembic",
+            "huggingface_hub",
+            "filelock",
+        ):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         try:
             import datasets
@@ -53,16 +74,25 @@ def _setup_logging(verbose: bool) -> None:
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", "-c", required=required, help="YAML config (see configs/ for presets)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set lora.r=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set lora.r=8 (repeatable)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output with other inputs")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, library warnings shown")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Exit codes: 0 done, 2 bad input, 3 preempted (rerun to resume), 1 other.")
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 done, 2 bad input, 3 preempted (rerun to resume), 1 other.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="raw dataset -> prepared_dataset")
@@ -109,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--explain", action="store_true", help="every key with its default and documentation")
 
-    sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, run --local, upload, submit, schedule",
-                   add_help=False)
+    sub.add_parser(
+        "pipeline", help="Kubeflow Pipelines: compile, run --local, upload, submit, schedule", add_help=False
+    )
     return parser
 
 
@@ -147,14 +178,26 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from kubetune.evaluation import evaluate
 
-        out = evaluate(cfg, _dir(cfg, args.adapter, "train"), _dir(cfg, args.packed, "pack"),
-                       _dir(cfg, args.prepared, "prepare"), _dir(cfg, args.out, "evaluate"), overwrite=ow)
+        out = evaluate(
+            cfg,
+            _dir(cfg, args.adapter, "train"),
+            _dir(cfg, args.packed, "pack"),
+            _dir(cfg, args.prepared, "prepare"),
+            _dir(cfg, args.out, "evaluate"),
+            overwrite=ow,
+        )
     else:
         from kubetune.register import register
 
-        out = register(cfg, _dir(cfg, args.adapter, "train"), _dir(cfg, args.eval_report, "evaluate"),
-                       _dir(cfg, args.out, "register"), prepared=_dir(cfg, args.prepared, "prepare"),
-                       packed=_dir(cfg, args.packed, "pack"), overwrite=ow)
+        out = register(
+            cfg,
+            _dir(cfg, args.adapter, "train"),
+            _dir(cfg, args.eval_report, "evaluate"),
+            _dir(cfg, args.out, "register"),
+            prepared=_dir(cfg, args.prepared, "prepare"),
+            packed=_dir(cfg, args.packed, "pack"),
+            overwrite=ow,
+        )
     _print(f"{args.command}: done -> {out}")
     return EXIT_OK
 
@@ -179,8 +222,15 @@ def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
     evaluate(cfg, d["train"], d["pack"], d["prepare"], d["evaluate"], overwrite=overwrite)
     if cfg.tracking.enabled:
         log.info("[5/5] register -> %s", d["register"])
-        register(cfg, d["train"], d["evaluate"], d["register"], prepared=d["prepare"], packed=d["pack"],
-                 overwrite=overwrite)
+        register(
+            cfg,
+            d["train"],
+            d["evaluate"],
+            d["register"],
+            prepared=d["prepare"],
+            packed=d["pack"],
+            overwrite=overwrite,
+        )
     return d
 
 
@@ -198,15 +248,21 @@ def run_summary(dirs: dict[str, Path]) -> str:
         m = json.loads(metrics_path.read_text())
         lines.append("")
         lines.append(f"{'metric':<16}{'base':>12}{'adapter':>12}")
-        for key, label in (("eval_loss", "eval loss"), ("eval_perplexity", "perplexity"),
-                           ("exact_match", "exact match"), ("rouge_l", "ROUGE-L")):
+        for key, label in (
+            ("eval_loss", "eval loss"),
+            ("eval_perplexity", "perplexity"),
+            ("exact_match", "exact match"),
+            ("rouge_l", "ROUGE-L"),
+        ):
             if key in m:
                 lines.append(f"{label:<16}{_fmt(m.get('base_' + key)):>12}{_fmt(m.get(key)):>12}")
     summary_path = dirs["train"] / "training_summary.json"
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
-        lines.append(f"\ntrained {s.get('global_step')} steps, {s.get('tokens_seen', 0):,} tokens at "
-                     f"{s.get('train_tokens_per_second', 0):.0f} tokens/s")
+        lines.append(
+            f"\ntrained {s.get('global_step')} steps, {s.get('tokens_seen', 0):,} tokens at "
+            f"{s.get('train_tokens_per_second', 0):.0f} tokens/s"
+        )
     lines.append("")
     for stage, path in dirs.items():
         if path.exists():
@@ -216,12 +272,15 @@ def run_summary(dirs: dict[str, Path]) -> str:
         r = json.loads(reg.read_text())
         lines.append(f"\nMLflow: {r.get('tracking_uri')}  experiment {r.get('experiment')!r}  run {r.get('run_id')}")
         if r.get("version"):
-            lines.append(f"model {r.get('model_name')} v{r.get('version')}: {r.get('promotion')} "
-                         f"({r.get('promotion_reason')})")
+            lines.append(
+                f"model {r.get('model_name')} v{r.get('version')}: {r.get('promotion')} ({r.get('promotion_reason')})"
+            )
         if r.get("status") == "pending":
             lines.append("MLflow was unreachable: results are kept locally; run `kubetune register` again to send")
-        lines.append(f"open it with: kubetune ui --config <this config>   (or mlflow ui --backend-store-uri "
-                     f"{r.get('tracking_uri')})")
+        lines.append(
+            f"open it with: kubetune ui --config <this config>   (or mlflow ui --backend-store-uri "
+            f"{r.get('tracking_uri')})"
+        )
     return "\n".join(lines)
 
 
@@ -252,8 +311,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cfg = _load(args)
     uri = resolve_uri(cfg)
     mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
+    cmd = [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     _print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}  ({' '.join(cmd)})")
     os.execvp(cmd[0], cmd)
     return EXIT_OK  # not reached

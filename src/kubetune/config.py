@@ -30,10 +30,23 @@ class ConfigError(UserError):
     """A config key or value is wrong; the message names the key."""
 
 
-def _f(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
-       maximum: float | None = None, exclusive_min: bool = False):
+def _f(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+):
     """A dataclass field with its documentation and value constraints."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum, "exclusive_min": exclusive_min}
+    meta = {
+        "doc": doc,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_min": exclusive_min,
+    }
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,8 +56,11 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, minimum: float |
 class ModelConfig:
     """The base model."""
 
-    name_or_path: str = _f("", "Hugging Face hub id (e.g. `facebook/opt-1.3b`), a local HF folder, or a `.gguf` "
-                               "file (converted once and cached as an HF folder next to it or under the cache dir).")
+    name_or_path: str = _f(
+        "",
+        "Hugging Face hub id (e.g. `facebook/opt-1.3b`), a local HF folder, or a `.gguf` "
+        "file (converted once and cached as an HF folder next to it or under the cache dir).",
+    )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to pin; ignored for local paths.")
     chat_template: str | None = _f(None, "A Jinja chat template that overrides the tokenizer's own.")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the hub (off: only trust what you read).")
@@ -56,16 +72,21 @@ class DataConfig:
     """The raw dataset and how it becomes chat messages."""
 
     path: str = _f("", "Local file (.jsonl/.json/.parquet/.csv), a folder of such files, or a hub dataset id.")
-    format: str = _f("auto", "Row format; `auto` detects it from the columns.",
-                     choices=("auto", "lima", "instruction", "alpaca", "prompt_completion", "question_answer",
-                              "messages"))
+    format: str = _f(
+        "auto",
+        "Row format; `auto` detects it from the columns.",
+        choices=("auto", "lima", "instruction", "alpaca", "prompt_completion", "question_answer", "messages"),
+    )
     split: str = _f("train", "Split to read from a hub dataset.")
     revision: str | None = _f(None, "Hub dataset revision to pin.")
     eval_path: str | None = _f(None, "An explicit held-out file; when set, `eval_size` is not used.")
     eval_size: float = _f(0.1, "Held-out share: a fraction in (0, 1) or a row count >= 1.", minimum=0.0)
     seed: int = _f(42, "Seed of the deterministic train/eval split.")
-    on_bad_rows: str = _f("error", "`error`: stop and list the bad rows; `skip`: drop them and list them in the "
-                                   "data report.", choices=("error", "skip"))
+    on_bad_rows: str = _f(
+        "error",
+        "`error`: stop and list the bad rows; `skip`: drop them and list them in the data report.",
+        choices=("error", "skip"),
+    )
     dedupe: bool = _f(True, "Remove exact duplicate conversations.")
     system_prompt: str | None = _f(None, "A system message prepended to every conversation that has none.")
     max_rows: int | None = _f(None, "Read at most this many rows (after validation), for quick trials.", minimum=1)
@@ -76,13 +97,22 @@ class PackConfig:
     """Chat template, loss masks and packing."""
 
     max_length: int = _f(1024, "Tokens per packed row (and the longest example kept).", minimum=8)
-    loss_on: str = _f("assistant", "`assistant`: loss on assistant tokens only; `all`: every token.",
-                      choices=("assistant", "all"))
-    truncation: str = _f("truncate", "Examples longer than `max_length`: `truncate` (keep the start), `drop` "
-                                     "(count them in the report) or `error`.", choices=("truncate", "drop", "error"))
-    fallback_template: str = _f("qa", "Template for tokenizers without a chat template: `qa` is the classic "
-                                      "`Question: ...\\n\\nAnswer: ...`; `chatml` uses <|im_start|> markers.",
-                                choices=("qa", "chatml"))
+    loss_on: str = _f(
+        "assistant",
+        "`assistant`: loss on assistant tokens only; `all`: every token.",
+        choices=("assistant", "all"),
+    )
+    truncation: str = _f(
+        "truncate",
+        "Examples longer than `max_length`: `truncate` (keep the start), `drop` (count them in the report) or `error`.",
+        choices=("truncate", "drop", "error"),
+    )
+    fallback_template: str = _f(
+        "qa",
+        "Template for tokenizers without a chat template: `qa` is the classic "
+        "`Question: ...\\n\\nAnswer: ...`; `chatml` uses <|im_start|> markers.",
+        choices=("qa", "chatml"),
+    )
     packing: bool = _f(True, "Best-fit-decreasing packing of several examples per row (isolated by position ids).")
     num_proc: int = _f(0, "Tokenisation processes; 0 picks from the available cores.", minimum=0)
 
@@ -92,10 +122,15 @@ class LoraConfig:
     """PEFT LoRA adapter settings (also used by QLoRA)."""
 
     r: int = _f(16, "LoRA rank.", minimum=1)
-    alpha: float = _f(32, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).", minimum=0.0,
-                      exclusive_min=True)
-    dropout: float = _f(0.05, "Dropout on the LoRA input; 0 enables PEFT's faster no-dropout path.",
-                        minimum=0.0, maximum=1.0)
+    alpha: float = _f(
+        32,
+        "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).",
+        minimum=0.0,
+        exclusive_min=True,
+    )
+    dropout: float = _f(
+        0.05, "Dropout on the LoRA input; 0 enables PEFT's faster no-dropout path.", minimum=0.0, maximum=1.0
+    )
     target_modules: list[str] | str = _f("all-linear", "`all-linear` or a list of module names, e.g. [q_proj, v_proj].")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
@@ -109,8 +144,7 @@ class QuantConfig:
     bits: int = _f(4, "4 (QLoRA) or 8.", choices=(4, 8))
     quant_type: str = _f("nf4", "4-bit data type.", choices=("nf4", "fp4"))
     double_quant: bool = _f(True, "Quantise the quantisation constants too (saves ~0.4 bit/param).")
-    compute_dtype: str = _f("bfloat16", "Dtype of the dequantised matmuls.", choices=("bfloat16", "float16",
-                                                                                     "float32"))
+    compute_dtype: str = _f("bfloat16", "Dtype of the dequantised matmuls.", choices=("bfloat16", "float16", "float32"))
 
 
 @dataclass(frozen=True)
@@ -122,28 +156,40 @@ class TrainConfig:
     batch_size: int = _f(4, "Packed rows per device per step.", minimum=1)
     grad_accum: int = _f(1, "Gradient accumulation steps.", minimum=1)
     learning_rate: float = _f(1e-4, "Peak learning rate.", minimum=0.0, exclusive_min=True, maximum=1.0)
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant",
-                                                                          "constant_with_warmup"))
+    lr_scheduler: str = _f(
+        "cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant", "constant_with_warmup")
+    )
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up.", minimum=0.0, maximum=1.0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", minimum=0.0)
     seed: int = _f(42, "Seed for initialisation, data order and dropout.")
-    precision: str = _f("auto", "`auto` picks from the hardware (AMX/CUDA -> bf16, other CPUs -> fp32).",
-                        choices=("auto", "fp32", "bf16", "fp16"))
-    activation_checkpointing: str = _f("auto", "`auto` turns it on only when memory requires it.",
-                                       choices=("auto", "on", "off"))
+    precision: str = _f(
+        "auto",
+        "`auto` picks from the hardware (AMX/CUDA -> bf16, other CPUs -> fp32).",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    activation_checkpointing: str = _f(
+        "auto", "`auto` turns it on only when memory requires it.", choices=("auto", "on", "off")
+    )
     threads: int = _f(0, "Torch intra-op threads; 0 uses the cores this process may run on.", minimum=0)
-    optim: str = _f("auto", "Optimizer: `auto` picks fused AdamW where torch supports it, else AdamW.",
-                    choices=("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"))
+    optim: str = _f(
+        "auto",
+        "Optimizer: `auto` picks fused AdamW where torch supports it, else AdamW.",
+        choices=("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"),
+    )
     compile: bool = _f(False, "torch.compile the model (pays off only on long runs).")
     ipex: bool = _f(False, "Apply intel-extension-for-pytorch (only in the cpu-ipex image, torch 2.8).")
     logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)
     save_steps: int = _f(50, "Checkpoint every N steps (and always at the end).", minimum=1)
     save_total_limit: int = _f(2, "Checkpoints kept.", minimum=1)
-    checkpoint_dir: str | None = _f(None, "Where checkpoints go (default: `<output_dir>/checkpoints`); point it at "
-                                          "storage that outlives the pod.")
-    resume: str = _f("auto", "`auto`: continue from the newest valid checkpoint; `never`: start fresh; or a "
-                             "checkpoint path.")
+    checkpoint_dir: str | None = _f(
+        None,
+        "Where checkpoints go (default: `<output_dir>/checkpoints`); point it at storage that outlives the pod.",
+    )
+    resume: str = _f(
+        "auto",
+        "`auto`: continue from the newest valid checkpoint; `never`: start fresh; or a checkpoint path.",
+    )
     preempt_grace_s: float = _f(25.0, "Seconds allowed to save a checkpoint after SIGTERM.", minimum=1.0)
     merge: bool = _f(False, "Also save base + adapter merged into one model.")
 
@@ -163,13 +209,18 @@ class EvalConfig:
 class TrackingConfig:
     """MLflow tracking and the model registry."""
 
-    uri: str | None = _f(None, "Tracking URI; default `MLFLOW_TRACKING_URI`, else a local sqlite store "
-                               "`sqlite:///<output_dir>/mlflow.db`.")
+    uri: str | None = _f(
+        None,
+        "Tracking URI; default `MLFLOW_TRACKING_URI`, else a local sqlite store `sqlite:///<output_dir>/mlflow.db`.",
+    )
     experiment: str = _f("kubetune", "MLflow experiment name.")
     run_name: str | None = _f(None, "MLflow run name (default: generated).")
     registered_model: str | None = _f(None, "Registered model name (default: `kubetune-<model basename>`).")
-    min_improvement: float = _f(0.0, "Promote to `champion` only if eval loss beats the champion's (or the base "
-                                     "model's) by at least this much.", minimum=0.0)
+    min_improvement: float = _f(
+        0.0,
+        "Promote to `champion` only if eval loss beats the champion's (or the base model's) by at least this much.",
+        minimum=0.0,
+    )
     enabled: bool = _f(True, "Set false to skip MLflow entirely.")
 
 
@@ -185,8 +236,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow."})
-    method: str = _f("lora", "`lora` (full-precision base) or `qlora` (bitsandbytes-quantised base).",
-                     choices=("lora", "qlora"))
+    method: str = _f(
+        "lora",
+        "`lora` (full-precision base) or `qlora` (bitsandbytes-quantised base).",
+        choices=("lora", "qlora"),
+    )
     output_dir: str = _f("runs/default", "Folder for every stage's output (prepared, packed, adapter, eval, ...).")
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,8 +290,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(err)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"config key `{key}`: {value!r} has the wrong type; expected {_type_name(tp)}")
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else ConfigError(f"config key `{key}`: {value!r} has the wrong type; expected {_type_name(tp)}")
+        )
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -319,21 +376,28 @@ def _validate(cfg: Config) -> None:
     """Cross-field rules; each names the keys in conflict."""
     lora = cfg.lora
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
-        raise ConfigError("config key `lora.target_modules`: use `all-linear` or a list such as [q_proj, v_proj], "
-                          f"got {lora.target_modules!r}")
+        raise ConfigError(
+            "config key `lora.target_modules`: use `all-linear` or a list such as [q_proj, v_proj], "
+            f"got {lora.target_modules!r}"
+        )
     if isinstance(lora.target_modules, list) and not lora.target_modules:
         raise ConfigError("config key `lora.target_modules`: the list is empty; name at least one module")
     if cfg.data.eval_size >= 1 and not float(cfg.data.eval_size).is_integer():
-        raise ConfigError(f"config key `data.eval_size`: {cfg.data.eval_size} is neither a fraction in (0, 1) "
-                          "nor a whole row count")
+        raise ConfigError(
+            f"config key `data.eval_size`: {cfg.data.eval_size} is neither a fraction in (0, 1) nor a whole row count"
+        )
     if cfg.method == "qlora" and cfg.quant.bits == 8 and cfg.lora.use_dora:
-        raise ConfigError("config keys `method: qlora` with `quant.bits: 8` and `lora.use_dora: true` do not "
-                          "combine; drop DoRA or use 4 bits")
+        raise ConfigError(
+            "config keys `method: qlora` with `quant.bits: 8` and `lora.use_dora: true` do not "
+            "combine; drop DoRA or use 4 bits"
+        )
     if cfg.train.ipex and cfg.method == "qlora":
         raise ConfigError("config keys `train.ipex` and `method: qlora` do not combine; IPEX is for CPU LoRA only")
     if cfg.train.precision == "fp16" and cfg.method == "qlora" and cfg.quant.compute_dtype == "bfloat16":
-        raise ConfigError("config keys `train.precision: fp16` and `quant.compute_dtype: bfloat16` disagree; "
-                          "set `quant.compute_dtype: float16`")
+        raise ConfigError(
+            "config keys `train.precision: fp16` and `quant.compute_dtype: bfloat16` disagree; "
+            "set `quant.compute_dtype: float16`"
+        )
 
 
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:

@@ -98,8 +98,7 @@ def detect(cpu_flags: set[str] | None = None, use_cuda: bool | None = None) -> H
     cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        return Hardware("cuda", flags, usable_cores(), props.name, torch.cuda.is_bf16_supported(),
-                        props.total_memory)
+        return Hardware("cuda", flags, usable_cores(), props.name, torch.cuda.is_bf16_supported(), props.total_memory)
     return Hardware("cpu", flags, usable_cores())
 
 
@@ -146,8 +145,9 @@ def available_memory_bytes(hw: Hardware) -> int:
     return min(avail, limit) if limit else avail
 
 
-def choose_activation_checkpointing(hw: Hardware, requested: str, *, activation_bytes: int,
-                                    weight_bytes: int) -> Decision:
+def choose_activation_checkpointing(
+    hw: Hardware, requested: str, *, activation_bytes: int, weight_bytes: int
+) -> Decision:
     """On when asked, or when weights + activations would use more than 80% of the memory there is."""
     if requested == "on":
         return Decision(True, "set in config (train.activation_checkpointing: on)")
@@ -157,7 +157,13 @@ def choose_activation_checkpointing(hw: Hardware, requested: str, *, activation_
     need = activation_bytes + weight_bytes
     gib = 1 << 30
     if need > budget:
-        return Decision(True, f"estimated {need / gib:.1f} GiB of weights + activations exceeds 80% of the "
-                              f"{budget / 0.8 / gib:.1f} GiB available")
-    return Decision(False, f"estimated {need / gib:.1f} GiB fits in the {budget / 0.8 / gib:.1f} GiB available; "
-                           "recomputation would only cost time")
+        return Decision(
+            True,
+            f"estimated {need / gib:.1f} GiB of weights + activations exceeds 80% of the "
+            f"{budget / 0.8 / gib:.1f} GiB available",
+        )
+    return Decision(
+        False,
+        f"estimated {need / gib:.1f} GiB fits in the {budget / 0.8 / gib:.1f} GiB available; "
+        "recomputation would only cost time",
+    )

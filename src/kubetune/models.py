@@ -42,11 +42,15 @@ def cache_root(model_cfg: ModelConfig) -> Path:
 
 def _check_local_folder(p: Path) -> None:
     if not (p / "config.json").is_file():
-        raise UserError(f"model folder {p}: no config.json; point model.name_or_path at a Hugging Face model folder "
-                        "(save_pretrained output), a .gguf file, or a hub id")
+        raise UserError(
+            f"model folder {p}: no config.json; point model.name_or_path at a Hugging Face model folder "
+            "(save_pretrained output), a .gguf file, or a hub id"
+        )
     if not any(next(p.glob(pat), None) for pat in WEIGHT_PATTERNS):
-        raise UserError(f"model folder {p}: no weights (*.safetensors or *.bin); the folder is incomplete, "
-                        "copy or download the weights into it")
+        raise UserError(
+            f"model folder {p}: no weights (*.safetensors or *.bin); the folder is incomplete, "
+            "copy or download the weights into it"
+        )
 
 
 def convert_gguf(gguf: Path, model_cfg: ModelConfig) -> Path:
@@ -62,8 +66,10 @@ def convert_gguf(gguf: Path, model_cfg: ModelConfig) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as err:  # the converter raises many types for unsupported files
-        raise UserError(f"model file {gguf}: cannot be read as a GGUF model ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); use an HF folder or a hub id instead") from None
+        raise UserError(
+            f"model file {gguf}: cannot be read as a GGUF model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); use an HF folder or a hub id instead"
+        ) from None
     # The tensors are plain floats after dequantisation; drop the GGUF quantizer marker so the model saves as a
     # normal HF checkpoint.
     model.hf_quantizer = None
@@ -100,15 +106,19 @@ def resolve(model_cfg: ModelConfig) -> ResolvedModel:
         _check_local_folder(p)
         return ResolvedModel(name, str(p.resolve()), True, None)
     if _looks_like_path(name):
-        raise UserError(f"model path {p}: not found; check `model.name_or_path` (a local folder, a .gguf file, "
-                        "or a hub id like `facebook/opt-1.3b`)")
+        raise UserError(
+            f"model path {p}: not found; check `model.name_or_path` (a local folder, a .gguf file, "
+            "or a hub id like `facebook/opt-1.3b`)"
+        )
     return ResolvedModel(name, name, False, model_cfg.revision)
 
 
 def _hub_error(resolved: ResolvedModel, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return UserError(f"model {resolved.source!r}: cannot be loaded ({first}); check the hub id and revision, set "
-                     "HF_TOKEN for gated models, or point model.name_or_path at a local folder")
+    return UserError(
+        f"model {resolved.source!r}: cannot be loaded ({first}); check the hub id and revision, set "
+        "HF_TOKEN for gated models, or point model.name_or_path at a local folder"
+    )
 
 
 def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None):
@@ -117,9 +127,12 @@ def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None
 
     resolved = resolved or resolve(model_cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code,
-                                            cache_dir=model_cfg.cache_dir)
+        tok = AutoTokenizer.from_pretrained(
+            resolved.path,
+            revision=resolved.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            cache_dir=model_cfg.cache_dir,
+        )
     except (OSError, ValueError) as err:
         raise _hub_error(resolved, err) from None
     if model_cfg.chat_template:
@@ -133,8 +146,14 @@ def load_tokenizer(model_cfg: ModelConfig, resolved: ResolvedModel | None = None
 def torch_dtype(name: str):
     import torch
 
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}[name]
+    return {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }[name]
 
 
 def bnb_config(quant: QuantConfig):
@@ -143,24 +162,40 @@ def bnb_config(quant: QuantConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserError("method `qlora` needs bitsandbytes; install the `gpu` extra "
-                        "(pip install 'kubetune[gpu]') or use method `lora`") from None
+        raise UserError(
+            "method `qlora` needs bitsandbytes; install the `gpu` extra "
+            "(pip install 'kubetune[gpu]') or use method `lora`"
+        ) from None
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+    )
 
 
-def load_model(model_cfg: ModelConfig, *, dtype: str = "fp32", quant: QuantConfig | None = None,
-               device: str = "cpu", resolved: ResolvedModel | None = None, **kwargs: Any):
+def load_model(
+    model_cfg: ModelConfig,
+    *,
+    dtype: str = "fp32",
+    quant: QuantConfig | None = None,
+    device: str = "cpu",
+    resolved: ResolvedModel | None = None,
+    **kwargs: Any,
+):
     """The causal LM in ``dtype`` (``fp32|bf16|fp16``), quantised by bitsandbytes when ``quant`` is given."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolved or resolve(model_cfg)
-    load_kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "revision": resolved.revision,
-                                   "trust_remote_code": model_cfg.trust_remote_code,
-                                   "cache_dir": model_cfg.cache_dir, **kwargs}
+    load_kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(dtype),
+        "revision": resolved.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "cache_dir": model_cfg.cache_dir,
+        **kwargs,
+    }
     if quant is not None:
         load_kwargs["quantization_config"] = bnb_config(quant)
         load_kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
@@ -180,13 +215,24 @@ def weights_sha256(resolved: ResolvedModel) -> str | None:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(resolved.path, revision=resolved.revision, local_files_only=True,
-                                            allow_patterns=list(WEIGHT_PATTERNS)))
+            folder = Path(
+                snapshot_download(
+                    resolved.path,
+                    revision=resolved.revision,
+                    local_files_only=True,
+                    allow_patterns=list(WEIGHT_PATTERNS),
+                )
+            )
         except Exception:  # not cached / offline: the revision still identifies it
             return None
     return dir_digest(folder, WEIGHT_PATTERNS)
 
 
 def base_reference(resolved: ResolvedModel, model_cfg: ModelConfig) -> dict[str, Any]:
-    return {"name_or_path": resolved.source, "revision": resolved.revision, "resolved_path": resolved.path,
-            "weights_sha256": weights_sha256(resolved), "local": resolved.local}
+    return {
+        "name_or_path": resolved.source,
+        "revision": resolved.revision,
+        "resolved_path": resolved.path,
+        "weights_sha256": weights_sha256(resolved),
+        "local": resolved.local,
+    }

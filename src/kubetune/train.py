@@ -44,8 +44,15 @@ FINGERPRINT_FILE = "kubetune-run.json"
 
 # Train config keys that do not change the result: they stay out of the fingerprint so that a retry with, say,
 # another checkpoint folder or thread count still resumes and is recognised as the same run.
-_RUNTIME_ONLY = {"threads", "logging_steps", "checkpoint_dir", "resume", "preempt_grace_s", "save_steps",
-                 "save_total_limit"}
+_RUNTIME_ONLY = {
+    "threads",
+    "logging_steps",
+    "checkpoint_dir",
+    "resume",
+    "preempt_grace_s",
+    "save_steps",
+    "save_total_limit",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -90,7 +97,7 @@ class PackedRowsCollator:
             seq_lengths = r.get("seq_lengths") or [length]
             start = 0
             for sl in seq_lengths:
-                position_ids[i, start:start + sl] = torch.arange(sl)
+                position_ids[i, start : start + sl] = torch.arange(sl)
                 labels[i, start] = -100
                 start += sl
             if length < width:
@@ -114,8 +121,11 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()
-             and (p / "trainer_state.json").is_file() and _step_of(p) >= 0]
+    found = [
+        p
+        for p in ckpt_dir.glob("checkpoint-*")
+        if p.is_dir() and (p / COMPLETE_MARKER).is_file() and (p / "trainer_state.json").is_file() and _step_of(p) >= 0
+    ]
     return sorted(found, key=_step_of)
 
 
@@ -135,8 +145,10 @@ def choose_resume(cfg: Config, ckpt_dir: Path, run_fp: str) -> Path | None:
     if mode not in ("auto", "never"):
         p = Path(mode).expanduser()
         if not (p / "trainer_state.json").is_file():
-            raise UserError(f"config key `train.resume`: {p} is not a checkpoint folder (no trainer_state.json); "
-                            "use `auto`, `never` or a checkpoint-<step> folder")
+            raise UserError(
+                f"config key `train.resume`: {p} is not a checkpoint folder (no trainer_state.json); "
+                "use `auto`, `never` or a checkpoint-<step> folder"
+            )
         return p
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     marker = ckpt_dir / FINGERPRINT_FILE
@@ -144,8 +156,10 @@ def choose_resume(cfg: Config, ckpt_dir: Path, run_fp: str) -> Path | None:
     existing = list(ckpt_dir.glob("checkpoint-*"))
     if mode == "never" or (owner is not None and owner != run_fp):
         if existing and mode == "auto":
-            raise UserError(f"{ckpt_dir}: holds checkpoints of a different run (other data or settings); set "
-                            "train.checkpoint_dir to a new folder, or train.resume=never to discard them")
+            raise UserError(
+                f"{ckpt_dir}: holds checkpoints of a different run (other data or settings); set "
+                "train.checkpoint_dir to a new folder, or train.resume=never to discard them"
+            )
         for p in existing:
             shutil.rmtree(p, ignore_errors=True)
     marker.write_text(json.dumps({"fingerprint": run_fp}))
@@ -173,18 +187,23 @@ class _Preemption:
         self.saved = threading.Event()
         self._old: dict[int, Any] = {}
 
-    def _handler(self, signum, frame):  # noqa: ARG002
+    def _handler(self, signum, frame):
         if self.requested:  # a second signal: stop now
             os._exit(EXIT_PREEMPTED)
         self.requested = True
-        log.warning("received %s: saving a checkpoint at the end of this step (grace %.0f s)",
-                    signal.Signals(signum).name, self.grace_s)
+        log.warning(
+            "received %s: saving a checkpoint at the end of this step (grace %.0f s)",
+            signal.Signals(signum).name,
+            self.grace_s,
+        )
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def _watchdog(self):
         if not self.saved.wait(max(1.0, self.grace_s - 2.0)):
-            sys.stderr.write("kubetune: the current step did not finish within train.preempt_grace_s; exiting, the "
-                             "newest periodic checkpoint is the resume point\n")
+            sys.stderr.write(
+                "kubetune: the current step did not finish within train.preempt_grace_s; exiting, the "
+                "newest periodic checkpoint is the resume point\n"
+            )
             sys.stderr.flush()
             os._exit(EXIT_PREEMPTED)
 
@@ -226,9 +245,16 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
             left = (state.max_steps - state.global_step) * (elapsed / done) if done else float("nan")
             summary["loss_curve"].append([state.global_step, float(logs["loss"])])
             eta = f"{left / 60:.1f} min" if math.isfinite(left) else "?"
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %.2f s/step  ETA %s", state.global_step,
-                     state.max_steps, logs["loss"], logs.get("learning_rate", 0.0), tps,
-                     elapsed / done if done else 0.0, eta)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %.2f s/step  ETA %s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", 0.0),
+                tps,
+                elapsed / done if done else 0.0,
+                eta,
+            )
 
         def on_train_end(self, args, state, control, **kw):
             elapsed = time.perf_counter() - self.t0
@@ -246,8 +272,10 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                artifacts.write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "fingerprint": run_fp,
-                                                              "tokens_seen": counter.tokens})
+                artifacts.write_json(
+                    ckpt / COMPLETE_MARKER,
+                    {"step": state.global_step, "fingerprint": run_fp, "tokens_seen": counter.tokens},
+                )
                 if preemption.requested:
                     summary["preempted_checkpoint"] = str(ckpt)
                     preemption.saved.set()
@@ -288,38 +316,58 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
     est_params = n_params or (12 * layers * h * h + vocab * h)
     weight_bytes = int(est_params * (0.55 if cfg.method == "qlora" else bytes_per))
     ac = hardware.choose_activation_checkpointing(
-        hw, cfg.train.activation_checkpointing,
+        hw,
+        cfg.train.activation_checkpointing,
         activation_bytes=_activation_bytes(model_config, cfg.train.batch_size, row_len, bytes_per),
-        weight_bytes=weight_bytes)
+        weight_bytes=weight_bytes,
+    )
     optim, why = _optim(cfg, hw.device)
-    return {"precision": precision, "threads": threads, "activation_checkpointing": ac,
-            "optim": hardware.Decision(optim, why)}
+    return {
+        "precision": precision,
+        "threads": threads,
+        "activation_checkpointing": ac,
+        "optim": hardware.Decision(optim, why),
+    }
 
 
 def run_fingerprint(cfg: Config, packed_manifest: dict[str, Any]) -> str:
     train_cfg = {k: v for k, v in cfg.to_dict()["train"].items() if k not in _RUNTIME_ONLY}
-    return artifacts.fingerprint("train", packed_manifest["fingerprint"], cfg.to_dict()["model"],
-                                 cfg.to_dict()["lora"], cfg.to_dict()["quant"] if cfg.method == "qlora" else None,
-                                 train_cfg, cfg.method)
+    return artifacts.fingerprint(
+        "train",
+        packed_manifest["fingerprint"],
+        cfg.to_dict()["model"],
+        cfg.to_dict()["lora"],
+        cfg.to_dict()["quant"] if cfg.method == "qlora" else None,
+        train_cfg,
+        cfg.method,
+    )
 
 
 def _peft_config(cfg: Config):
     from peft import LoraConfig
 
     lora = cfg.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules if isinstance(lora.target_modules, str)
-                      else list(lora.target_modules),
-                      use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias=lora.bias, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _apply_ipex(model, precision: str):
     try:
-        import intel_extension_for_pytorch as ipex  # noqa: PLC0415
+        import intel_extension_for_pytorch as ipex
     except Exception as err:  # IPEX aborts on import with any torch but 2.8.x
-        raise UserError("config key `train.ipex`: intel-extension-for-pytorch cannot be imported here "
-                        f"({type(err).__name__}); it is end-of-life and only works with torch 2.8.x in the "
-                        "cpu-ipex image; set train.ipex=false (stock PyTorch uses AMX through oneDNN)") from None
+        raise UserError(
+            "config key `train.ipex`: intel-extension-for-pytorch cannot be imported here "
+            f"({type(err).__name__}); it is end-of-life and only works with torch 2.8.x in the "
+            "cpu-ipex image; set train.ipex=false (stock PyTorch uses AMX through oneDNN)"
+        ) from None
     import torch
 
     return ipex.optimize(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -336,10 +384,13 @@ def train(cfg: Config, packed: str | Path, out: str | Path, *, overwrite: bool =
     packed_manifest = artifacts.read_manifest(packed, "pack")
     run_fp = run_fingerprint(cfg, packed_manifest)
     ckpt_dir = Path(cfg.train.checkpoint_dir).expanduser() if cfg.train.checkpoint_dir else out.parent / "checkpoints"
-    inputs = {"packed": {"path": str(packed), "fingerprint": packed_manifest["fingerprint"]},
-              "model": cfg.model.name_or_path}
-    with artifacts.stage_output(out, "train", run_fp, inputs=inputs, config=cfg.to_dict(),
-                                overwrite=overwrite) as writer:
+    inputs = {
+        "packed": {"path": str(packed), "fingerprint": packed_manifest["fingerprint"]},
+        "model": cfg.model.name_or_path,
+    }
+    with artifacts.stage_output(
+        out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
+    ) as writer:
         if writer.up_to_date:
             return out
         summary = _train_into(cfg, packed, writer.tmp, ckpt_dir, run_fp)
@@ -361,11 +412,14 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
     row_len = max(len(r) for r in train_rows["input_ids"][:1000])
     resolved = models.resolve(cfg.model)
     try:
-        model_config = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(
+            resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except (OSError, ValueError) as err:
-        raise UserError(f"model {resolved.source!r}: cannot read its config ({str(err).splitlines()[0][:160]}); "
-                        "check model.name_or_path") from None
+        raise UserError(
+            f"model {resolved.source!r}: cannot read its config ({str(err).splitlines()[0][:160]}); "
+            "check model.name_or_path"
+        ) from None
     settings = _settings(cfg, hw, model_config, row_len)
     precision = settings["precision"].value
     torch.set_num_threads(settings["threads"].value)
@@ -377,8 +431,13 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
     load_dtype = precision if quant is None else ("fp32" if hw.device == "cpu" else precision)
     t_load = time.perf_counter()
     model = models.load_model(cfg.model, dtype=load_dtype, quant=quant, device=hw.device, resolved=resolved)
-    log.info("loaded %s in %.1f s (%s, %s)", resolved.source, time.perf_counter() - t_load,
-             cfg.method, "4-bit NF4" if quant and quant.bits == 4 else load_dtype)
+    log.info(
+        "loaded %s in %.1f s (%s, %s)",
+        resolved.source,
+        time.perf_counter() - t_load,
+        cfg.method,
+        "4-bit NF4" if quant and quant.bits == 4 else load_dtype,
+    )
     ac = bool(settings["activation_checkpointing"].value)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
@@ -426,17 +485,28 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
         packing=False,
         max_length=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, data_collator=collator,
-                         processing_class=tokenizer, peft_config=_peft_config(cfg),
-                         callbacks=_make_callbacks(run_fp, preemption, counter, summary))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        data_collator=collator,
+        processing_class=tokenizer,
+        peft_config=_peft_config(cfg),
+        callbacks=_make_callbacks(run_fp, preemption, counter, summary),
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback logs one readable line per step instead
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    log.info("training %s trainable of %s parameters (%.2f%%); checkpoints in %s%s", f"{trainable:,}",
-             f"{total:,}", 100 * trainable / max(total, 1), ckpt_dir,
-             f"; resuming from {resume_from.name}" if resume_from else "")
+    log.info(
+        "training %s trainable of %s parameters (%.2f%%); checkpoints in %s%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+        ckpt_dir,
+        f"; resuming from {resume_from.name}" if resume_from else "",
+    )
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     with preemption:
@@ -453,19 +523,21 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
     artifacts.write_json(dest / "base_model.json", models.base_reference(resolved, cfg.model))
     (dest / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     secs = summary.get("train_seconds") or float("nan")
-    summary.update({
-        "tokens_seen": tokens_before + summary.get("tokens_this_run", 0),
-        "train_tokens_per_second": summary.get("tokens_this_run", 0) / secs if secs and secs > 0 else 0.0,
-        "final_loss": summary["loss_curve"][-1][1] if summary["loss_curve"] else None,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if on_cuda else None,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "settings": {k: {"value": d.value, "reason": d.reason} for k, d in settings.items()},
-        "hardware": hw.describe(),
-        "checkpoint_dir": str(ckpt_dir),
-        "resumed_from": str(resume_from) if resume_from else None,
-    })
+    summary.update(
+        {
+            "tokens_seen": tokens_before + summary.get("tokens_this_run", 0),
+            "train_tokens_per_second": summary.get("tokens_this_run", 0) / secs if secs and secs > 0 else 0.0,
+            "final_loss": summary["loss_curve"][-1][1] if summary["loss_curve"] else None,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if on_cuda else None,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "settings": {k: {"value": d.value, "reason": d.reason} for k, d in settings.items()},
+            "hardware": hw.describe(),
+            "checkpoint_dir": str(ckpt_dir),
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+    )
     if cfg.train.merge:
         summary["merged"] = str(_merge(cfg, resolved, dest, precision, hw.device))
     artifacts.write_json(dest / "training_summary.json", summary)
@@ -490,6 +562,11 @@ def _merge(cfg: Config, resolved: models.ResolvedModel, adapter_dir: Path, preci
 
 def _log_summary(out: Path, s: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
-        log.info("trained %d steps, %s tokens, %.0f tokens/s, final loss %s; adapter in %s", s["global_step"],
-                 f"{s['tokens_seen']:,}", s["train_tokens_per_second"],
-                 f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "n/a", out)
+        log.info(
+            "trained %d steps, %s tokens, %.0f tokens/s, final loss %s; adapter in %s",
+            s["global_step"],
+            f"{s['tokens_seen']:,}",
+            s["train_tokens_per_second"],
+            f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "n/a",
+            out,
+        )
