@@ -90,16 +90,16 @@ BAD = [
     "does nothing it promises",
 ]
 ITEMS = [
-    "This kettle",
-    "The blender",
-    "My new lamp",
-    "This backpack",
-    "The headphones",
-    "This chair",
-    "The charger",
-    "This phone case",
-    "The toaster",
-    "My new keyboard",
+    "this kettle",
+    "the blender",
+    "my new lamp",
+    "this backpack",
+    "the headphones",
+    "this chair",
+    "the charger",
+    "this phone case",
+    "the toaster",
+    "my new keyboard",
 ]
 
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests write only to temporary folders: keep datasets' cache out of ~/.cache, and never wait on a hub.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kubetune-test-datasets-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

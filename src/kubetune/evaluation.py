@@ -52,8 +52,10 @@ IGNORE_INDEX = -100
 def load_eval_examples(packed: Path, max_rows: int) -> list[tuple[list[int], list[int]]]:
     """The first ``max_rows`` held-out examples of ``<packed>/eval`` as ``(input_ids, labels)`` pairs."""
     eval_dir = packed / "eval"
-    no_rows = (f"{eval_dir}: no held-out rows to score; set `data.eval_size` > 0 or `data.eval_path`, then re-run "
-               "`kubetune prepare` and `kubetune pack`")
+    no_rows = (
+        f"{eval_dir}: no held-out rows to score; set `data.eval_size` > 0 or `data.eval_path`, then re-run "
+        "`kubetune prepare` and `kubetune pack`"
+    )
     if not eval_dir.is_dir():
         raise UserError(no_rows)
     from datasets import load_from_disk
@@ -82,7 +84,7 @@ def load_eval_examples(packed: Path, max_rows: int) -> list[tuple[list[int], lis
         start = 0
         for n in lengths:
             if n > 0:
-                examples.append((ids[start:start + n], labels[start:start + n]))
+                examples.append((ids[start : start + n], labels[start : start + n]))
             start += n
     examples = examples[:max_rows]
     if not examples:
@@ -96,8 +98,10 @@ def load_heldout_conversations(prepared: Path, n: int) -> list[dict[str, Any]]:
     if n <= 0:
         return []
     if not path.is_file():
-        raise UserError(f"{path}: not found; set `data.eval_size` > 0 or `data.eval_path` and re-run `kubetune "
-                        "prepare`, or set `eval.num_samples: 0`")
+        raise UserError(
+            f"{path}: not found; set `data.eval_size` > 0 or `data.eval_path` and re-run `kubetune "
+            "prepare`, or set `eval.num_samples: 0`"
+        )
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -112,8 +116,10 @@ def load_heldout_conversations(prepared: Path, n: int) -> list[dict[str, Any]]:
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
-                raise UserError(f"{path} line {lineno}: not a prepared conversation ending with an assistant "
-                                "message; re-run `kubetune prepare`")
+                raise UserError(
+                    f"{path} line {lineno}: not a prepared conversation ending with an assistant "
+                    "message; re-run `kubetune prepare`"
+                )
             rows.append(conv)
     return rows
 
@@ -147,8 +153,9 @@ def _loss_sum(model, input_ids, attention_mask, labels) -> float:
     return float(F.cross_entropy(selected, target[mask], reduction="sum").item())
 
 
-def score(model, examples: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int,
-          with_base: bool = True) -> LossSums:
+def score(
+    model, examples: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int, with_base: bool = True
+) -> LossSums:
     """Summed cross-entropy of the adapter (and of the base, via ``disable_adapter``) over all loss tokens.
 
     Token ``t`` is scored by the logits at ``t - 1``, as in training; examples are batched longest first with
@@ -161,16 +168,16 @@ def score(model, examples: list[tuple[list[int], list[int]]], *, batch_size: int
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     started = time.monotonic()
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(examples[i][0]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             ids, lab = examples[i]
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            labels[row, :len(ids)] = torch.tensor(lab, dtype=torch.long)
-            attention[row, :len(ids)] = 1
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[row, : len(ids)] = torch.tensor(lab, dtype=torch.long)
+            attention[row, : len(ids)] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
         sums.tokens += int((labels[:, 1:] != IGNORE_INDEX).sum().item())
         with torch.inference_mode():
@@ -178,8 +185,13 @@ def score(model, examples: list[tuple[list[int], list[int]]], *, batch_size: int
             if with_base:
                 with model.disable_adapter():
                     sums.base += _loss_sum(model, input_ids, attention, labels)
-        log.info("scoring held-out rows (adapter%s): %d/%d (%.1f s)", " and base" if with_base else "",
-                 min(start + batch_size, len(order)), len(order), time.monotonic() - started)
+        log.info(
+            "scoring held-out rows (adapter%s): %d/%d (%.1f s)",
+            " and base" if with_base else "",
+            min(start + batch_size, len(order)),
+            len(order),
+            time.monotonic() - started,
+        )
     return sums
 
 
@@ -192,8 +204,17 @@ def perplexity(loss: float) -> float | None:
 # The stage
 
 
-def evaluate(cfg: Config, adapter: str | Path, packed: str | Path, prepared: str | Path, out: str | Path, *,
-             overwrite: bool = False, dtype: str | None = None, device: str | None = None) -> Path:
+def evaluate(
+    cfg: Config,
+    adapter: str | Path,
+    packed: str | Path,
+    prepared: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> Path:
     """Score and sample the adapter against its base; write the eval report folder ``out`` and return it.
 
     ``dtype``/``device`` default to fp32 on CPU (CUDA with its best half precision when present); the dtype is
@@ -204,32 +225,49 @@ def evaluate(cfg: Config, adapter: str | Path, packed: str | Path, prepared: str
     k_m = read_manifest(packed, "pack")
     d_m = read_manifest(prepared, "prepare")
     if not generation.is_adapter(adapter):
-        raise UserError(f"{adapter}: has no {generation.ADAPTER_CONFIG}; evaluate needs the adapter folder from "
-                        "`kubetune train`")
+        raise UserError(
+            f"{adapter}: has no {generation.ADAPTER_CONFIG}; evaluate needs the adapter folder from `kubetune train`"
+        )
     device, dtype = generation.inference_settings(dtype, device)
     method = _training_method(adapter, cfg)
-    settings = {"eval": dataclasses.asdict(cfg.eval), "system_prompt": cfg.data.system_prompt,
-                "max_prompt_tokens": cfg.pack.max_length, "dtype": dtype, "method": method,
-                "quant": dataclasses.asdict(cfg.quant) if method == "qlora" else None}
-    inputs = {"adapter": {"path": str(adapter.resolve()), "fingerprint": a_m["fingerprint"]},
-              "packed": {"path": str(packed.resolve()), "fingerprint": k_m["fingerprint"]},
-              "prepared": {"path": str(prepared.resolve()), "fingerprint": d_m["fingerprint"]}}
+    settings = {
+        "eval": dataclasses.asdict(cfg.eval),
+        "system_prompt": cfg.data.system_prompt,
+        "max_prompt_tokens": cfg.pack.max_length,
+        "dtype": dtype,
+        "method": method,
+        "quant": dataclasses.asdict(cfg.quant) if method == "qlora" else None,
+    }
+    inputs = {
+        "adapter": {"path": str(adapter.resolve()), "fingerprint": a_m["fingerprint"]},
+        "packed": {"path": str(packed.resolve()), "fingerprint": k_m["fingerprint"]},
+        "prepared": {"path": str(prepared.resolve()), "fingerprint": d_m["fingerprint"]},
+    }
     fp = fingerprint("evaluate", a_m["fingerprint"], k_m["fingerprint"], d_m["fingerprint"], settings)
     with stage_output(out, "evaluate", fp, inputs=inputs, config=settings, overwrite=overwrite) as w:
         if w.up_to_date:
             return out
         examples = load_eval_examples(packed, cfg.eval.max_rows)
         heldout = load_heldout_conversations(prepared, cfg.eval.num_samples)
-        loaded = generation.load(cfg.model, adapter, tokenizer_dir=packed / "tokenizer", dtype=dtype,
-                                 quant=cfg.quant if method == "qlora" else None, device=device)
+        loaded = generation.load(
+            cfg.model,
+            adapter,
+            tokenizer_dir=packed / "tokenizer",
+            dtype=dtype,
+            quant=cfg.quant if method == "qlora" else None,
+            device=device,
+            threads=cfg.train.threads,
+        )
         tok, model = loaded.tokenizer, loaded.model
 
         started = time.monotonic()
         sums = score(model, examples, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id)
         eval_seconds = time.monotonic() - started
         if sums.tokens == 0:
-            raise UserError(f"{packed / 'eval'}: the held-out rows carry no loss tokens (every label is -100); "
-                            "check `pack.loss_on` and that the conversations end with an assistant answer")
+            raise UserError(
+                f"{packed / 'eval'}: the held-out rows carry no loss tokens (every label is -100); "
+                "check `pack.loss_on` and that the conversations end with an assistant answer"
+            )
 
         started = time.monotonic()
         samples = _generate_samples(cfg, model, tok, heldout)
@@ -240,14 +278,26 @@ def evaluate(cfg: Config, adapter: str | Path, packed: str | Path, prepared: str
         with open(w.tmp / "samples.jsonl", "w", encoding="utf-8") as fh:
             for s in samples:
                 fh.write(json.dumps(s, ensure_ascii=False) + "\n")
-        context = {"base": loaded.base.name_or_path, "adapter": str(adapter), "method": method, "dtype": dtype,
-                   "device": loaded.device, "max_new_tokens": cfg.eval.max_new_tokens,
-                   "global_step": _global_step(adapter)}
+        context = {
+            "base": loaded.base.name_or_path,
+            "adapter": str(adapter),
+            "method": method,
+            "dtype": dtype,
+            "device": loaded.device,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "global_step": _global_step(adapter),
+        }
         (w.tmp / "eval_report.md").write_text(render_report(metrics, samples, context), encoding="utf-8")
         w.counts = {k: metrics[k] for k in ("eval_rows", "eval_tokens", "generation_rows", "prompt_rows")}
-        log.info("eval loss %.4f (base %.4f, delta %+.4f) on %d rows / %d tokens; report %s",
-                 metrics["eval_loss"], metrics["base_eval_loss"], metrics["eval_loss_delta"], len(examples),
-                 sums.tokens, out / "eval_report.md")
+        log.info(
+            "eval loss %.4f (base %.4f, delta %+.4f) on %d rows / %d tokens; report %s",
+            metrics["eval_loss"],
+            metrics["base_eval_loss"],
+            metrics["eval_loss_delta"],
+            len(examples),
+            sums.tokens,
+            out / "eval_report.md",
+        )
     return out
 
 
@@ -262,18 +312,37 @@ def _generate_samples(cfg: Config, model, tok, heldout: list[dict[str, Any]]) ->
     system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
     samples: list[dict[str, Any]] = []
     for conv in heldout:
-        samples.append({"kind": "heldout", "id": conv.get("id"), "source": conv.get("source"),
-                        "row": conv.get("row"), "messages": conv["messages"][:-1],
-                        "reference": conv["messages"][-1]["content"]})
+        samples.append(
+            {
+                "kind": "heldout",
+                "id": conv.get("id"),
+                "source": conv.get("source"),
+                "row": conv.get("row"),
+                "messages": conv["messages"][:-1],
+                "reference": conv["messages"][-1]["content"],
+            }
+        )
     for i, prompt in enumerate(cfg.eval.prompts):
-        samples.append({"kind": "prompt", "id": f"prompt-{i + 1}", "source": "eval.prompts", "row": i + 1,
-                        "messages": [*system, {"role": "user", "content": prompt}], "reference": None})
+        samples.append(
+            {
+                "kind": "prompt",
+                "id": f"prompt-{i + 1}",
+                "source": "eval.prompts",
+                "row": i + 1,
+                "messages": [*system, {"role": "user", "content": prompt}],
+                "reference": None,
+            }
+        )
     if not samples:
         return samples
     texts = [generation.render_prompt(tok, s["messages"]) for s in samples]
     stop = generation.stop_token_ids(tok, model)
-    kwargs = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size, "stop_ids": stop,
-              "max_prompt_tokens": cfg.pack.max_length}
+    kwargs = {
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "batch_size": cfg.eval.batch_size,
+        "stop_ids": stop,
+        "max_prompt_tokens": cfg.pack.max_length,
+    }
     adapter_out = generation.generate_texts(model, tok, texts, desc="generating with the adapter", **kwargs)
     with model.disable_adapter():
         base_out = generation.generate_texts(model, tok, texts, desc="generating with the base model", **kwargs)
@@ -288,8 +357,9 @@ def _generate_samples(cfg: Config, model, tok, heldout: list[dict[str, Any]]) ->
     return samples
 
 
-def _metrics(sums: LossSums, samples: list[dict[str, Any]], rows: int, eval_seconds: float,
-             generation_seconds: float) -> dict[str, Any]:
+def _metrics(
+    sums: LossSums, samples: list[dict[str, Any]], rows: int, eval_seconds: float, generation_seconds: float
+) -> dict[str, Any]:
     loss, base = sums.adapter / sums.tokens, sums.base / sums.tokens
     scored = [s for s in samples if s["reference"] is not None]
     refs = [s["reference"] for s in scored]
@@ -379,26 +449,42 @@ def render_report(m: dict[str, Any], samples: list[dict[str, Any]], ctx: dict[st
     if scored:
         better = sum(s["rouge_l"] > s["base_rouge_l"] for s in scored)
         worse = sum(s["rouge_l"] < s["base_rouge_l"] for s in scored)
-        lines.append(f"By ROUGE-L the adapter's answer is closer to the reference on {better} of {n} held-out "
-                     f"prompts, further on {worse}, level on {n - better - worse}.")
-    lines += ["", "Exact match compares case-folded, whitespace-normalised text (a reference contained in a longer "
-              "answer does not count); ROUGE-L is the F1 of the longest common token subsequence (stemmed).", ""]
+        lines.append(
+            f"By ROUGE-L the adapter's answer is closer to the reference on {better} of {n} held-out "
+            f"prompts, further on {worse}, level on {n - better - worse}."
+        )
+    lines += [
+        "",
+        "Exact match compares case-folded, whitespace-normalised text (a reference contained in a longer "
+        "answer does not count); ROUGE-L is the F1 of the longest common token subsequence (stemmed).",
+        "",
+    ]
     if samples:
         lines += ["## Samples: base vs adapter", ""]
     for i, s in enumerate(samples, 1):
-        where = (f"held-out row {s['row']} of {s['source']}" if s["kind"] == "heldout" else
-                 f"fixed prompt {s['row']} (eval.prompts)")
+        where = (
+            f"held-out row {s['row']} of {s['source']}"
+            if s["kind"] == "heldout"
+            else f"fixed prompt {s['row']} (eval.prompts)"
+        )
         lines += [f"### {i}. {where}", ""]
         for msg in s["messages"]:
             lines += [f"**{msg['role']}**", "", _quote(msg["content"]), ""]
         if s["reference"] is not None:
-            lines += ["| | answer | exact match | ROUGE-L |", "| --- | --- | :---: | ---: |",
-                      f"| reference | {_cell(s['reference'])} | | |",
-                      f"| base | {_cell(s['base'])} | {'yes' if s['base_exact_match'] else 'no'} | "
-                      f"{s['base_rouge_l']:.3f} |",
-                      f"| adapter | {_cell(s['adapter'])} | {'yes' if s['exact_match'] else 'no'} | "
-                      f"{s['rouge_l']:.3f} |", ""]
+            lines += [
+                "| | answer | exact match | ROUGE-L |",
+                "| --- | --- | :---: | ---: |",
+                f"| reference | {_cell(s['reference'])} | | |",
+                f"| base | {_cell(s['base'])} | {'yes' if s['base_exact_match'] else 'no'} | {s['base_rouge_l']:.3f} |",
+                f"| adapter | {_cell(s['adapter'])} | {'yes' if s['exact_match'] else 'no'} | {s['rouge_l']:.3f} |",
+                "",
+            ]
         else:
-            lines += ["| | answer |", "| --- | --- |", f"| base | {_cell(s['base'])} |",
-                      f"| adapter | {_cell(s['adapter'])} |", ""]
+            lines += [
+                "| | answer |",
+                "| --- | --- |",
+                f"| base | {_cell(s['base'])} |",
+                f"| adapter | {_cell(s['adapter'])} |",
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"

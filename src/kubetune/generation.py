@@ -48,8 +48,10 @@ def read_base_reference(adapter_dir: str | Path) -> dict[str, Any]:
     try:
         ref = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{p}: not found; the adapter folder must come from `kubetune train` (it records the base "
-                        "model it was trained on)") from None
+        raise UserError(
+            f"{p}: not found; the adapter folder must come from `kubetune train` (it records the base "
+            "model it was trained on)"
+        ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"{p}: unreadable ({err}); re-run `kubetune train` to rewrite the adapter") from None
     if not isinstance(ref, dict) or not (ref.get("resolved_path") or ref.get("name_or_path")):
@@ -71,18 +73,24 @@ def base_model_config(cfg_model: ModelConfig, adapter_dir: str | Path) -> ModelC
     if ref.get("local", True):
         if Path(resolved).exists():
             name, revision = resolved, None
-        elif Path(source).expanduser().exists():
-            name, revision = source, None
+        elif source.startswith("pkg://") or Path(source).expanduser().exists():
+            name, revision = source, None  # resolved again when loaded (a .gguf is converted once more)
         else:
-            raise UserError(f"{Path(adapter_dir) / BASE_MODEL_JSON}: the base model this adapter was trained on "
-                            f"({source}, resolved to {resolved}) is not on this machine; copy it there or run where "
-                            "it is")
+            raise UserError(
+                f"{Path(adapter_dir) / BASE_MODEL_JSON}: the base model this adapter was trained on "
+                f"({source}, resolved to {resolved}) is not on this machine; copy it there or run where "
+                "it is"
+            )
     else:
         name, revision = resolved, ref.get("revision")
     wanted = cfg_model.name_or_path.strip()
     if wanted and wanted not in (source, resolved, name):
-        log.warning("config names model %s but adapter %s was trained on %s; using the adapter's base",
-                    wanted, adapter_dir, source)
+        log.warning(
+            "config names model %s but adapter %s was trained on %s; using the adapter's base",
+            wanted,
+            adapter_dir,
+            source,
+        )
     return dataclasses.replace(cfg_model, name_or_path=name, revision=revision)
 
 
@@ -120,16 +128,20 @@ def load_tokenizer(cfg_model: ModelConfig, model_dir: str | Path, tokenizer_dir:
             try:
                 tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=cfg_model.trust_remote_code)
             except (OSError, ValueError) as err:
-                raise UserError(f"tokenizer folder {d}: cannot be loaded ({err}); re-run the stage that wrote it") \
-                    from None
+                raise UserError(
+                    f"tokenizer folder {d}: cannot be loaded ({err}); re-run the stage that wrote it"
+                ) from None
             if cfg_model.chat_template:
                 tok.chat_template = cfg_model.chat_template
             break
         if tokenizer_dir:
             raise UserError(f"tokenizer folder {d}: no tokenizer files; pass the packed dataset's `tokenizer/` folder")
     if tok is None:
-        base_cfg = base_model_config(cfg_model, model_dir) if is_adapter(model_dir) else \
-            dataclasses.replace(cfg_model, name_or_path=str(model_dir))
+        base_cfg = (
+            base_model_config(cfg_model, model_dir)
+            if is_adapter(model_dir)
+            else dataclasses.replace(cfg_model, name_or_path=str(model_dir))
+        )
         tok = models.load_tokenizer(base_cfg)
     if tok.pad_token_id is None:
         # Pads are masked out; any existing token will do.
@@ -151,19 +163,41 @@ class Loaded:
     base: ModelConfig
 
 
-def load(cfg_model: ModelConfig, model_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
-         dtype: str | None = None, quant: QuantConfig | None = None, device: str | None = None) -> Loaded:
-    """Load an adapter on its base (or a merged model) in eval mode. ``quant`` loads the base quantised (QLoRA)."""
+def load(
+    cfg_model: ModelConfig,
+    model_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
+    quant: QuantConfig | None = None,
+    device: str | None = None,
+    threads: int = 0,
+) -> Loaded:
+    """Load an adapter on its base (or a merged model) in eval mode. ``quant`` loads the base quantised (QLoRA).
+
+    On CPU, torch runs ``threads`` intra-op threads (0: the cores this process may use, as training does; torch's
+    own default is the host's core count, far too many in a CPU-limited pod).
+    """
+    import torch
+
     from kubetune import models
+    from kubetune.hardware import usable_cores
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir}: not found; pass an adapter folder from `kubetune train` or a "
-                        "merged model folder")
+        raise UserError(
+            f"model folder {model_dir}: not found; pass an adapter folder from `kubetune train` or a "
+            "merged model folder"
+        )
     device, dtype = inference_settings(dtype, device)
+    if device == "cpu":
+        torch.set_num_threads(threads or usable_cores())
     adapter = is_adapter(model_dir)
-    base_cfg = base_model_config(cfg_model, model_dir) if adapter else \
-        dataclasses.replace(cfg_model, name_or_path=str(model_dir), revision=None)
+    base_cfg = (
+        base_model_config(cfg_model, model_dir)
+        if adapter
+        else dataclasses.replace(cfg_model, name_or_path=str(model_dir), revision=None)
+    )
     tokenizer = load_tokenizer(cfg_model, model_dir, tokenizer_dir)
     started = time.monotonic()
     model = models.load_model(base_cfg, dtype=dtype, quant=quant, device=device)
@@ -173,20 +207,30 @@ def load(cfg_model: ModelConfig, model_dir: str | Path, *, tokenizer_dir: str | 
         try:
             model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise UserError(f"adapter folder {model_dir}: cannot be applied to base {base_cfg.name_or_path} "
-                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); was it trained on "
-                            "another base?") from None
+            raise UserError(
+                f"adapter folder {model_dir}: cannot be applied to base {base_cfg.name_or_path} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); was it trained on "
+                "another base?"
+            ) from None
     model.eval()
-    log.info("loaded %s%s on %s in %s (%.1f s)", base_cfg.name_or_path, f" + adapter {model_dir}" if adapter else "",
-             device, dtype + (f", {quant.bits}-bit base" if quant else ""), time.monotonic() - started)
+    log.info(
+        "loaded %s%s on %s in %s (%.1f s)",
+        base_cfg.name_or_path,
+        f" + adapter {model_dir}" if adapter else "",
+        device,
+        dtype + (f", {quant.bits}-bit base" if quant else ""),
+        time.monotonic() - started,
+    )
     return Loaded(model, tokenizer, adapter, device, dtype, base_cfg)
 
 
 def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
     """The chat-formatted prompt text for ``messages`` (ending before the answer), generation prompt appended."""
     if not tokenizer.chat_template:
-        raise UserError("the tokenizer has no chat template; pass the packed dataset's `tokenizer/` folder (it "
-                        "holds the template used in training) or set `model.chat_template`")
+        raise UserError(
+            "the tokenizer has no chat template; pass the packed dataset's `tokenizer/` folder (it "
+            "holds the template used in training) or set `model.chat_template`"
+        )
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
 
@@ -207,7 +251,8 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     if tokenizer.chat_template:
         try:
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+            )
         except Exception:  # a template may reject this probe (strict role checks); the eos tokens still stop it
             text = ""
         if _SENTINEL in text:
@@ -218,9 +263,18 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return ids
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
-                   stop_ids: Sequence[int] | None = None, max_prompt_tokens: int | None = None,
-                   add_special_tokens: bool = False, desc: str = "generating") -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop_ids: Sequence[int] | None = None,
+    max_prompt_tokens: int | None = None,
+    add_special_tokens: bool = False,
+    desc: str = "generating",
+) -> list[str]:
     """Greedy answers to already formatted ``prompts``, in order.
 
     Prompts are batched longest first with left padding (few pads, one compiled shape per batch); a prompt longer
@@ -238,29 +292,35 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     if max_prompt_tokens:
         cut = [i for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
         if cut:
-            log.warning("%d prompt(s) longer than %d tokens keep only their last %d tokens", len(cut),
-                        max_prompt_tokens, max_prompt_tokens)
+            log.warning(
+                "%d prompt(s) longer than %d tokens keep only their last %d tokens",
+                len(cut),
+                max_prompt_tokens,
+                max_prompt_tokens,
+            )
             for i in cut:
                 encoded[i] = encoded[i][-max_prompt_tokens:]
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=stop or None, pad_token_id=pad_id)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop or None, pad_token_id=pad_id
+    )
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     answers: list[str] = [""] * len(encoded)
     started = time.monotonic()
     done = 0
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             ids = encoded[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
         with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 generation_config=gen_cfg)
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_cfg
+            )
         for row, i in enumerate(idx):
             new = out[row, width:].tolist()
             end = next((k for k, t in enumerate(new) if t in stop), len(new))
@@ -270,10 +330,21 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     return answers
 
 
-def generate(cfg_model: ModelConfig, adapter_or_merged_dir: str | Path, prompts: list[str], *,
-             max_new_tokens: int = 64, system_prompt: str | None = None, raw: bool = False,
-             tokenizer_dir: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
-             quant: QuantConfig | None = None, device: str | None = None) -> list[str]:
+def generate(
+    cfg_model: ModelConfig,
+    adapter_or_merged_dir: str | Path,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    system_prompt: str | None = None,
+    raw: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    quant: QuantConfig | None = None,
+    device: str | None = None,
+    threads: int = 0,
+) -> list[str]:
     """Answer each prompt (a user message) with the adapter on its base, or with a merged model.
 
     ``system_prompt`` is prepended as a system message (use the one the training data had, ``data.system_prompt``).
@@ -282,12 +353,25 @@ def generate(cfg_model: ModelConfig, adapter_or_merged_dir: str | Path, prompts:
     """
     if not prompts:
         return []
-    loaded = load(cfg_model, adapter_or_merged_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, quant=quant,
-                  device=device)
+    loaded = load(
+        cfg_model,
+        adapter_or_merged_dir,
+        tokenizer_dir=tokenizer_dir,
+        dtype=dtype,
+        quant=quant,
+        device=device,
+        threads=threads,
+    )
     if raw:
         texts = list(prompts)
     else:
         prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
         texts = [render_prompt(loaded.tokenizer, [*prefix, {"role": "user", "content": p}]) for p in prompts]
-    return generate_texts(loaded.model, loaded.tokenizer, texts, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, add_special_tokens=raw)
+    return generate_texts(
+        loaded.model,
+        loaded.tokenizer,
+        texts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=raw,
+    )

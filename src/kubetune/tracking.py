@@ -10,7 +10,7 @@ can be kept in an outbox file and sent later), and makes the MLflow state match 
 
 - one run per kubetune run, found by its tag ``kubetune.run_id`` before one is created; params, metrics, the
   training curve and dataset inputs that are already there are not logged twice; artifacts are re-uploaded;
-- one model version per run (found by run id) whose source is ``runs:/<run_id>/<artifact_path>``;
+- one model version per run (found by run id) whose source is the run's ``<artifact_uri>/<artifact_path>``;
 - the promotion gate (:func:`promote`) on alias ``champion``.
 
 The whole send is retried with exponential backoff on failure (:class:`Retry`: a few attempts, bounded total time;
@@ -90,14 +90,22 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute or relative to the working directory), else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):]).expanduser().resolve()
+    return Path(uri[len("sqlite:///") :]).expanduser().resolve()
 
 
 def ui_command(cfg, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
     """The ``mlflow ui`` command line that opens this config's store (the ``mlflow`` beside this Python first)."""
     exe = Path(sys.executable).with_name("mlflow")
-    return [str(exe) if exe.exists() else "mlflow", "ui", "--backend-store-uri", resolve_uri(cfg),
-            "--host", host, "--port", str(port)]
+    return [
+        str(exe) if exe.exists() else "mlflow",
+        "ui",
+        "--backend-store-uri",
+        resolve_uri(cfg),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def registered_model_name(cfg, base_name: str | None = None) -> str:
@@ -132,13 +140,23 @@ class TrackingUnavailable(Exception):
     def __init__(self, uri: str, cause: BaseException, attempts: int, progress: dict[str, Any] | None = None):
         self.uri, self.cause, self.attempts, self.progress = uri, cause, attempts, progress or {}
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
-        super().__init__(f"MLflow at {uri} unreachable ({attempts} attempt(s); last error {type(cause).__name__}: "
-                         f"{first})")
+        super().__init__(
+            f"MLflow at {uri} unreachable ({attempts} attempt(s); last error {type(cause).__name__}: {first})"
+        )
 
 
-_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                    "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE", "FEATURE_DISABLED",
-                    "ENDPOINT_NOT_FOUND", "CUSTOMER_UNAUTHORIZED"}
+_PERMANENT_CODES = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "FEATURE_DISABLED",
+    "ENDPOINT_NOT_FOUND",
+    "CUSTOMER_UNAUTHORIZED",
+}
 
 
 def _tracking_errors() -> tuple[type[BaseException], ...]:
@@ -154,7 +172,19 @@ def _tracking_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Conflicts of concurrent writers that the server reports as bad requests; the retried (idempotent) send passes.
+_RACE_MARKERS = (
+    "UNIQUE constraint failed",
+    "IntegrityError",
+    "database is locked",
+    "Duplicate entry",
+    "duplicate key value",
+)
+
+
 def _is_transient(err: BaseException) -> bool:
+    if any(m in str(err) for m in _RACE_MARKERS):
+        return True
     return getattr(err, "error_code", None) not in _PERMANENT_CODES
 
 
@@ -189,8 +219,13 @@ def _http_settings(retry: Retry) -> Iterator[None]:
                         os.environ[k] = v
 
 
-def with_retries(fn: Callable[[], T], retry: Retry, uri: str, progress: dict[str, Any] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    retry: Retry,
+    uri: str,
+    progress: dict[str, Any] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """``fn()`` with bounded exponential backoff; :class:`TrackingUnavailable` when it keeps failing."""
     errors = _tracking_errors()
     started = time.monotonic()
@@ -205,8 +240,13 @@ def with_retries(fn: Callable[[], T], retry: Retry, uri: str, progress: dict[str
                 out_of_time = time.monotonic() - started + delay > retry.deadline_s
                 if attempt >= retry.attempts or out_of_time or not _is_transient(err):
                     raise TrackingUnavailable(uri, err, attempt, progress) from err
-                log.info("MLflow at %s: attempt %d failed (%s); retrying in %.1f s", uri, attempt,
-                         (str(err).splitlines() or [type(err).__name__])[0][:200], delay)
+                log.info(
+                    "MLflow at %s: attempt %d failed (%s); retrying in %.1f s",
+                    uri,
+                    attempt,
+                    (str(err).splitlines() or [type(err).__name__])[0][:200],
+                    delay,
+                )
                 sleep(delay)
 
 
@@ -220,7 +260,7 @@ def params_from_flat(flat: dict[str, Any]) -> dict[str, str]:
     for key, value in flat.items():
         text = json.dumps(value) if isinstance(value, list | dict) else str(value)
         if len(text) > MAX_PARAM_LENGTH:
-            text = text[:MAX_PARAM_LENGTH - 14] + "...[truncated]"
+            text = text[: MAX_PARAM_LENGTH - 14] + "...[truncated]"
         out[key[:MAX_KEY_LENGTH]] = text
     return out
 
@@ -239,16 +279,29 @@ def dataset_record(jsonl: str | Path, *, name: str, digest: str, context: str) -
         for line in fh:
             if line.strip():
                 r = json.loads(line)
-                rows.append({"id": str(r.get("id")), "source": str(r.get("source")), "row": r.get("row"),
-                             "format": str(r.get("format")),
-                             "messages": json.dumps(r.get("messages"), ensure_ascii=False)})
+                rows.append(
+                    {
+                        "id": str(r.get("id")),
+                        "source": str(r.get("source")),
+                        "row": r.get("row"),
+                        "format": str(r.get("format")),
+                        "messages": json.dumps(r.get("messages"), ensure_ascii=False),
+                    }
+                )
     df = pd.DataFrame(rows, columns=["id", "source", "row", "format", "messages"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # source-type ambiguity and integer-column hints: not actionable here
         ds = mlflow.data.from_pandas(df, source=str(Path(jsonl).resolve()), name=name, digest=digest[:36])
         entity = ds._to_mlflow_entity()
-    return {"name": entity.name, "digest": entity.digest, "source_type": entity.source_type,
-            "source": entity.source, "schema": entity.schema, "profile": entity.profile, "context": context}
+    return {
+        "name": entity.name,
+        "digest": entity.digest,
+        "source_type": entity.source_type,
+        "source": entity.source,
+        "schema": entity.schema,
+        "profile": entity.profile,
+        "context": context,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,8 +336,12 @@ def _experiment_id(c, uri: str, name: str) -> str:
 
 
 def _find_run(c, experiment_id: str, key: str):
-    runs = c.search_runs([experiment_id], filter_string=f"tags.`{TAG_RUN_KEY}` = '{key}'", max_results=5,
-                         order_by=["attributes.start_time ASC"])
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_RUN_KEY}` = '{key}'",
+        max_results=5,
+        order_by=["attributes.start_time ASC"],
+    )
     return runs[0] if runs else None
 
 
@@ -297,7 +354,7 @@ def _log_run_data(c, run, spec: dict[str, Any]) -> None:
     if spec.get("note"):
         note = spec["note"]
         if len(note) > MAX_TAG_LENGTH:
-            note = note[:MAX_TAG_LENGTH - 80] + "\n\n... (cut; the full report is the artifact eval/eval_report.md)"
+            note = note[: MAX_TAG_LENGTH - 80] + "\n\n... (cut; the full report is the artifact eval/eval_report.md)"
         tags["mlflow.note.content"] = note
     have_params = run.data.params
     params = []
@@ -305,20 +362,28 @@ def _log_run_data(c, run, spec: dict[str, Any]) -> None:
         if k not in have_params:
             params.append(Param(k, v))
         elif have_params[k] != v:
-            log.warning("MLflow run %s already has param %s=%r; keeping it (params cannot change), new value %r",
-                        run_id, k, have_params[k][:80], v[:80])
-    metrics = [Metric(k, float(v), now, 0) for k, v in (spec.get("metrics") or {}).items()
-               if run.data.metrics.get(k) != float(v)]
+            log.warning(
+                "MLflow run %s already has param %s=%r; keeping it (params cannot change), new value %r",
+                run_id,
+                k,
+                have_params[k][:80],
+                v[:80],
+            )
+    metrics = [
+        Metric(k, float(v), now, 0)
+        for k, v in (spec.get("metrics") or {}).items()
+        if run.data.metrics.get(k) != float(v)
+    ]
     for key, points in (spec.get("history") or {}).items():
         have = {(m.step, m.value) for m in c.get_metric_history(run_id, key)}
         metrics += [Metric(key, float(v), now, int(s)) for s, v in points if (int(s), float(v)) not in have]
     tag_list = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
     for i in range(0, len(params), _BATCH):
-        c.log_batch(run_id, params=params[i:i + _BATCH])
+        c.log_batch(run_id, params=params[i : i + _BATCH])
     for i in range(0, len(tag_list), _BATCH):
-        c.log_batch(run_id, tags=tag_list[i:i + _BATCH])
+        c.log_batch(run_id, tags=tag_list[i : i + _BATCH])
     for i in range(0, len(metrics), 1000):
-        c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        c.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def _log_datasets(c, run, records: list[dict[str, Any]]) -> None:
@@ -326,9 +391,14 @@ def _log_datasets(c, run, records: list[dict[str, Any]]) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     have = {(d.dataset.name, d.dataset.digest) for d in (run.inputs.dataset_inputs if run.inputs else [])}
-    inputs = [DatasetInput(Dataset(r["name"], r["digest"], r["source_type"], r["source"], r.get("schema"),
-                                   r.get("profile")), tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["context"])])
-              for r in records if (r["name"], r["digest"]) not in have]
+    inputs = [
+        DatasetInput(
+            Dataset(r["name"], r["digest"], r["source_type"], r["source"], r.get("schema"), r.get("profile")),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["context"])],
+        )
+        for r in records
+        if (r["name"], r["digest"]) not in have
+    ]
     if inputs:
         c.log_inputs(run.info.run_id, datasets=inputs)
 
@@ -339,8 +409,10 @@ def _log_artifacts(c, run_id: str, artifacts: list[dict[str, Any]], base_dir: Pa
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.exists():  # not an outage: retrying cannot bring it back
-            raise UserError(f"{path}: to be sent to MLflow as artifact `{a.get('artifact_path') or '/'}` but it "
-                            "is gone; re-run the stage that wrote it, then `kubetune register`")
+            raise UserError(
+                f"{path}: to be sent to MLflow as artifact `{a.get('artifact_path') or '/'}` but it "
+                "is gone; re-run the stage that wrote it, then `kubetune register`"
+            )
         dest = a.get("artifact_path") or None
         if path.is_dir():
             c.log_artifacts(run_id, str(path), dest)
@@ -348,15 +420,17 @@ def _log_artifacts(c, run_id: str, artifacts: list[dict[str, Any]], base_dir: Pa
             c.log_artifact(run_id, str(path), dest)
 
 
-def _find_or_create_version(c, name: str, run_id: str, spec: dict[str, Any]):
+def _find_or_create_version(c, name: str, run, spec: dict[str, Any]):
     from mlflow.exceptions import MlflowException
 
     try:
-        c.create_registered_model(name, description="LoRA/QLoRA adapters fine-tuned by kubetune; alias "
-                                                    f"`{ALIAS}` marks the promoted one.")
+        c.create_registered_model(
+            name, description=f"LoRA/QLoRA adapters fine-tuned by kubetune; alias `{ALIAS}` marks the promoted one."
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    run_id = run.info.run_id
     found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:
         mv = min(found, key=lambda v: int(v.version))
@@ -364,12 +438,21 @@ def _find_or_create_version(c, name: str, run_id: str, spec: dict[str, Any]):
             if mv.tags.get(k) != v:
                 c.set_model_version_tag(name, mv.version, k, v)
         return c.get_model_version(name, mv.version)
-    return c.create_model_version(name, source=f"runs:/{run_id}/{spec['artifact_path']}", run_id=run_id,
-                                  tags=spec["tags"], description=spec.get("description"), await_creation_for=0)
+    # The source is the run's artifact location itself (not runs:/...), so `models:/<name>@champion` resolves
+    # with the registry alone, without a tracking URI configured on the reader's side.
+    source = f"{run.info.artifact_uri.rstrip('/')}/{spec['artifact_path']}"
+    return c.create_model_version(
+        name, source=source, run_id=run_id, tags=spec["tags"], description=spec.get("description"), await_creation_for=0
+    )
 
 
-def send(payload: dict[str, Any], *, base_dir: str | Path | None = None, retry: Retry | None = None,
-         sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def send(
+    payload: dict[str, Any],
+    *,
+    base_dir: str | Path | None = None,
+    retry: Retry | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Make MLflow hold ``payload`` (idempotent), run the promotion gate, return what happened:
     ``{"tracking_uri", "experiment", "experiment_id", "run_id", "model_name", "version", "promotion",
     "promotion_reason", "champion_version"}``. Raises :class:`TrackingUnavailable` after the retries."""
@@ -387,8 +470,9 @@ def send(payload: dict[str, Any], *, base_dir: str | Path | None = None, retry: 
             run = c.create_run(exp_id, run_name=spec.get("name"), tags={TAG_RUN_KEY: spec["key"]})
             log.info("MLflow at %s: created run %s in experiment %r", uri, run.info.run_id, payload["experiment"])
         else:
-            log.info("MLflow at %s: found run %s for kubetune run %s; completing it", uri, run.info.run_id,
-                     spec["key"][:12])
+            log.info(
+                "MLflow at %s: found run %s for kubetune run %s; completing it", uri, run.info.run_id, spec["key"][:12]
+            )
         run_id = run.info.run_id
         progress.update(run_id=run_id, experiment_id=exp_id)
         _log_run_data(c, run, spec)
@@ -396,15 +480,30 @@ def send(payload: dict[str, Any], *, base_dir: str | Path | None = None, retry: 
         _log_artifacts(c, run_id, spec.get("artifacts") or [], base)
         c.set_terminated(run_id, "FINISHED")
         model = payload["model"]
-        mv = _find_or_create_version(c, model["name"], run_id, model)
+        mv = _find_or_create_version(c, model["name"], run, model)
         progress["version"] = mv.version
         gate = payload["gate"]
-        result = promote(c, model["name"], mv, eval_loss=gate["eval_loss"], base_eval_loss=gate["base_eval_loss"],
-                         min_improvement=gate["min_improvement"], run_id=run_id)
-        log.info("MLflow: %s version %s %s: %s", model["name"], mv.version, result["promotion"],
-                 result["promotion_reason"])
-        return {"tracking_uri": uri, "experiment": payload["experiment"], "experiment_id": exp_id, "run_id": run_id,
-                "model_name": model["name"], "version": str(mv.version), **result}
+        result = promote(
+            c,
+            model["name"],
+            mv,
+            eval_loss=gate["eval_loss"],
+            base_eval_loss=gate["base_eval_loss"],
+            min_improvement=gate["min_improvement"],
+            run_id=run_id,
+        )
+        log.info(
+            "MLflow: %s version %s %s: %s", model["name"], mv.version, result["promotion"], result["promotion_reason"]
+        )
+        return {
+            "tracking_uri": uri,
+            "experiment": payload["experiment"],
+            "experiment_id": exp_id,
+            "run_id": run_id,
+            "model_name": model["name"],
+            "version": str(mv.version),
+            **result,
+        }
 
     return with_retries(attempt, retry, uri, progress, sleep=sleep)
 
@@ -419,16 +518,22 @@ def decide(eval_loss: float, baseline_loss: float | None, min_improvement: float
     if eval_loss is None or not math.isfinite(eval_loss):
         return False, f"eval_loss {eval_loss} is not a finite number"
     if baseline_loss is None or not math.isfinite(baseline_loss):
-        return False, (f"{against} has no recorded eval loss to compare with (tag `{TAG_EVAL_LOSS}`); "
-                       "move the alias by hand if this version should serve")
+        return False, (
+            f"{against} has no recorded eval loss to compare with (tag `{TAG_EVAL_LOSS}`); "
+            "move the alias by hand if this version should serve"
+        )
     gain = baseline_loss - eval_loss
     if gain <= 0:
         return False, f"eval_loss {eval_loss:.4f} does not beat {against} ({baseline_loss:.4f})"
     if gain < min_improvement:
-        return False, (f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by only {gain:.4f}, "
-                       f"less than min_improvement {min_improvement:.4f}")
-    return True, (f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by {gain:.4f} "
-                  f"(min_improvement {min_improvement:.4f})")
+        return False, (
+            f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by only {gain:.4f}, "
+            f"less than min_improvement {min_improvement:.4f}"
+        )
+    return True, (
+        f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by {gain:.4f} "
+        f"(min_improvement {min_improvement:.4f})"
+    )
 
 
 def _loss_of(c, mv) -> float | None:
@@ -472,8 +577,9 @@ def _chain(c, name: str, mv, limit: int = 50) -> set[str]:
     return seen
 
 
-def _tag_decision(c, name: str, version: str, run_id: str | None, decision: str, reason: str,
-                  baseline: str | None) -> None:
+def _tag_decision(
+    c, name: str, version: str, run_id: str | None, decision: str, reason: str, baseline: str | None
+) -> None:
     tags = {TAG_PROMOTION: decision, TAG_REASON: reason}
     if baseline is not None:
         tags[TAG_BASELINE] = baseline
@@ -484,8 +590,18 @@ def _tag_decision(c, name: str, version: str, run_id: str | None, decision: str,
             c.set_tag(run_id, k, v)
 
 
-def promote(c, name: str, mv, *, eval_loss: float, base_eval_loss: float, min_improvement: float,
-            run_id: str | None, window_s: float = RACE_WINDOW_S, rounds: int = 5) -> dict[str, Any]:
+def promote(
+    c,
+    name: str,
+    mv,
+    *,
+    eval_loss: float,
+    base_eval_loss: float,
+    min_improvement: float,
+    run_id: str | None,
+    window_s: float = RACE_WINDOW_S,
+    rounds: int = 5,
+) -> dict[str, Any]:
     """The gate, as a compare-and-set loop, then convergence against racing versions.
 
     1. Read the champion; compare this version's eval loss with it (or with the base model's eval loss when there
@@ -503,8 +619,12 @@ def promote(c, name: str, mv, *, eval_loss: float, base_eval_loss: float, min_im
         if holder is not None and str(holder.version) == v:
             break
         if holder is not None and v in _chain(c, name, holder):
-            log.info("%s version %s was replaced by champion version %s; keeping its recorded decision",
-                     name, v, holder.version)
+            log.info(
+                "%s version %s was replaced by champion version %s; keeping its recorded decision",
+                name,
+                v,
+                holder.version,
+            )
             return _state(c, name, v)
         if holder is None:
             baseline_loss, against, baseline = base_eval_loss, "the base model", "base"
@@ -529,9 +649,11 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
     for _ in range(rounds):
         holder = champion(c, name)
         ref = mv.creation_timestamp or 0
-        recent = [x for x in c.search_model_versions(f"name = '{name}'")
-                  if x.tags.get(TAG_PROMOTION) == PROMOTED and abs((x.creation_timestamp or 0) - ref)
-                  <= window_s * 1000]
+        recent = [
+            x
+            for x in c.search_model_versions(f"name = '{name}'")
+            if x.tags.get(TAG_PROMOTION) == PROMOTED and abs((x.creation_timestamp or 0) - ref) <= window_s * 1000
+        ]
         contenders = {str(x.version): x for x in recent}
         if holder is not None:
             contenders[str(holder.version)] = holder
@@ -541,8 +663,14 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
         best = min(scored, key=lambda t: (t[0], t[1]))
         if holder is not None and str(holder.version) == str(best[2].version):
             break
-        log.warning("%s: alias %s is on version %s but racing version %s has the lower eval loss (%.4f); moving it",
-                    name, ALIAS, holder.version if holder else None, best[2].version, best[0])
+        log.warning(
+            "%s: alias %s is on version %s but racing version %s has the lower eval loss (%.4f); moving it",
+            name,
+            ALIAS,
+            holder.version if holder else None,
+            best[2].version,
+            best[0],
+        )
         c.set_registered_model_alias(name, ALIAS, str(best[2].version))
     if best is None:
         return None
@@ -553,8 +681,10 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
         if xv == str(winner.version) or xv in on_chain:
             continue
         loss = _loss_of(c, x)
-        reason = (f"lost a concurrent promotion: version {winner.version} (eval_loss {best[0]:.4f}) beats this "
-                  f"version (eval_loss {loss:.4f}) and holds `{ALIAS}`")
+        reason = (
+            f"lost a concurrent promotion: version {winner.version} (eval_loss {best[0]:.4f}) beats this "
+            f"version (eval_loss {loss:.4f}) and holds `{ALIAS}`"
+        )
         log.warning("%s version %s %s", name, xv, reason)
         _tag_decision(c, name, xv, x.run_id, REJECTED, reason, None)
     return str(winner.version)
@@ -563,13 +693,19 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
 def _state(c, name: str, version: str) -> dict[str, Any]:
     mv = c.get_model_version(name, version)
     holder = champion(c, name)
-    return {"promotion": mv.tags.get(TAG_PROMOTION), "promotion_reason": mv.tags.get(TAG_REASON),
-            "champion_version": str(holder.version) if holder is not None else None}
+    return {
+        "promotion": mv.tags.get(TAG_PROMOTION),
+        "promotion_reason": mv.tags.get(TAG_REASON),
+        "champion_version": str(holder.version) if holder is not None else None,
+    }
 
 
 def champion_tag(uri: str, name: str, key: str, retry: Retry | None = None) -> str | None:
     """Tag ``key`` of the current champion version; None when there is none or MLflow is unreachable."""
     retry = retry or Retry(attempts=2, deadline_s=10.0)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():  # a local store nobody has written yet: no champion, create nothing
+        return None
     try:
         holder = with_retries(lambda: champion(client(uri), name), retry, uri)
     except TrackingUnavailable as err:

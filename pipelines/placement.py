@@ -1,0 +1,86 @@
+"""Where each pipeline task runs: the pipeline side of the placement contract, defined once.
+
+Terraform's node pools carry the same label and taint (label ``kubetune.io/pool=<value>``, taint
+``kubetune.io/pool=<value>:NoSchedule``); a test checks that the two sides agree. A task lands on a pool
+through a node selector on the label plus a toleration of the taint, so nothing else schedules onto these
+pools by accident and no kubetune task lands anywhere else.
+
+Requests and limits are sized for the presets on the nodes Terraform creates by default: c3-standard-22
+(22 vCPU, 88 GB; about 21.8 vCPU / 75 GiB allocatable) in the CPU pool and g2-standard-8 (one NVIDIA L4, 8
+vCPU, 32 GB) in the GPU pool; other GPU profiles (A100, H100) are larger. Training asks for most of a node
+with requests equal to limits (Guaranteed QoS: the pod is the last to be evicted under memory pressure, and
+with the static CPU manager it gets whole cores, which is what AMX matmuls want); the light steps ask for
+little so that they share nodes. A smaller CPU machine type needs smaller numbers for train-cpu here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+POOL_LABEL_KEY = "kubetune.io/pool"
+
+POOLS: dict[str, dict[str, str]] = {
+    "cpu": {"label_key": POOL_LABEL_KEY, "label_value": "cpu-c3", "taint_effect": "NoSchedule"},
+    "gpu": {"label_key": POOL_LABEL_KEY, "label_value": "gpu", "taint_effect": "NoSchedule"},
+}
+
+# The GPU the train-on-GPU task asks for. KFP turns the accelerator type into the container's resource limit
+# name (limits: {nvidia.com/gpu: 1}), so the type is the device plugin's resource name, not a GPU model: which
+# GPU (L4 by default) is the GPU pool's business, and the pool label already selects it.
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_COUNT = 1
+
+# Per task: CPU / memory requests and limits (Kubernetes quantities).
+RESOURCES: dict[str, dict[str, str]] = {
+    "prepare": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "4Gi", "memory_limit": "8Gi"},
+    "check-unchanged": {
+        "cpu_request": "500m",
+        "cpu_limit": "1",
+        "memory_request": "1Gi",
+        "memory_limit": "2Gi",
+    },
+    "pack": {"cpu_request": "2", "cpu_limit": "4", "memory_request": "8Gi", "memory_limit": "16Gi"},
+    "train-cpu": {"cpu_request": "20", "cpu_limit": "20", "memory_request": "64Gi", "memory_limit": "64Gi"},
+    "train-gpu": {"cpu_request": "6", "cpu_limit": "6", "memory_request": "24Gi", "memory_limit": "24Gi"},
+    "evaluate": {"cpu_request": "8", "cpu_limit": "8", "memory_request": "24Gi", "memory_limit": "24Gi"},
+    "register": {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "2Gi", "memory_limit": "4Gi"},
+}
+
+
+def taint(pool: str) -> str:
+    """The taint the pool's nodes carry, as ``kubectl taint`` writes it: ``key=value:Effect``."""
+    p = POOLS[pool]
+    return f"{p['label_key']}={p['label_value']}:{p['taint_effect']}"
+
+
+def on_pool(task: Any, pool: str) -> Any:
+    """Pin ``task`` to ``pool``: node selector on the pool label and a toleration of the pool taint."""
+    from kfp import kubernetes
+
+    p = POOLS[pool]
+    kubernetes.add_node_selector(task, label_key=p["label_key"], label_value=p["label_value"])
+    kubernetes.add_toleration(
+        task, key=p["label_key"], operator="Equal", value=p["label_value"], effect=p["taint_effect"]
+    )
+    return task
+
+
+def on_gpu(task: Any) -> Any:
+    """GPU pool and one GPU: pool selector and toleration, the GPU limit, GKE's GPU taint tolerated."""
+    from kfp import kubernetes
+
+    on_pool(task, "gpu")
+    # GKE taints GPU nodes nvidia.com/gpu=present:NoSchedule; tolerate it explicitly rather than rely on the
+    # ExtendedResourceToleration admission plugin being on.
+    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    task.set_accelerator_type(GPU_RESOURCE)
+    task.set_accelerator_limit(GPU_COUNT)
+    return task
+
+
+def size(task: Any, stage: str) -> Any:
+    """Apply the CPU / memory requests and limits of ``stage`` (a key of :data:`RESOURCES`)."""
+    r = RESOURCES[stage]
+    task.set_cpu_request(r["cpu_request"]).set_cpu_limit(r["cpu_limit"])
+    task.set_memory_request(r["memory_request"]).set_memory_limit(r["memory_limit"])
+    return task

@@ -1,0 +1,104 @@
+# Least privilege: one Google service account per workload, each granted only what it uses, on the narrowest
+# resource that IAM allows (the bucket, the repository) rather than the project. Pods get their Google identity
+# through Workload Identity: no key files anywhere.
+
+locals {
+  workload_pool = "${var.project_id}.svc.id.goog"
+}
+
+resource "google_service_account" "nodes" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-nodes"
+  display_name = "kubetune GKE nodes"
+  description  = "Node VMs: logs, metrics, image pulls. Pods never use it (Workload Identity is on)."
+}
+
+resource "google_service_account" "pipeline" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-pipeline"
+  display_name = "kubetune pipeline tasks"
+  description  = "KFP pipeline pods: artifacts and checkpoints in the artifacts bucket."
+}
+
+resource "google_service_account" "mlflow" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-mlflow"
+  display_name = "kubetune MLflow tracking server"
+  description  = "MLflow server: artifacts under gs://BUCKET/mlflow, Cloud SQL through the Auth Proxy."
+}
+
+resource "google_service_account" "build" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-build"
+  display_name = "kubetune image builds"
+  description  = "Cloud Build: reads the uploaded source, pushes images to the repository."
+}
+
+# --- nodes ---------------------------------------------------------------------------------------------------
+resource "google_project_iam_member" "nodes_default" {
+  project = var.project_id
+  role    = "roles/container.defaultNodeServiceAccount"
+  member  = google_service_account.nodes.member
+}
+
+resource "google_artifact_registry_repository_iam_member" "nodes_pull" {
+  project    = var.project_id
+  location   = var.repository_location
+  repository = var.repository_id
+  role       = "roles/artifactregistry.reader"
+  member     = google_service_account.nodes.member
+}
+
+# --- pipeline ------------------------------------------------------------------------------------------------
+resource "google_storage_bucket_iam_member" "pipeline_objects" {
+  bucket = var.bucket_name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.pipeline.member
+}
+
+resource "google_service_account_iam_member" "pipeline_workload_identity" {
+  service_account_id = google_service_account.pipeline.name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "serviceAccount:${local.workload_pool}[${var.pipeline_ksa.namespace}/${var.pipeline_ksa.name}]"
+}
+
+# --- MLflow --------------------------------------------------------------------------------------------------
+resource "google_storage_bucket_iam_member" "mlflow_objects" {
+  bucket = var.bucket_name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.mlflow.member
+}
+
+resource "google_project_iam_member" "mlflow_cloudsql_client" {
+  project = var.project_id
+  role    = "roles/cloudsql.client"
+  member  = google_service_account.mlflow.member
+}
+
+resource "google_service_account_iam_member" "mlflow_workload_identity" {
+  service_account_id = google_service_account.mlflow.name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "serviceAccount:${local.workload_pool}[${var.mlflow_ksa.namespace}/${var.mlflow_ksa.name}]"
+}
+
+# --- Cloud Build ---------------------------------------------------------------------------------------------
+resource "google_artifact_registry_repository_iam_member" "build_push" {
+  project    = var.project_id
+  location   = var.repository_location
+  repository = var.repository_id
+  role       = "roles/artifactregistry.writer"
+  member     = google_service_account.build.member
+}
+
+resource "google_project_iam_member" "build_logs" {
+  project = var.project_id
+  role    = "roles/logging.logWriter"
+  member  = google_service_account.build.member
+}
+
+# `make images` stages the build context under gs://BUCKET/cloudbuild-source/.
+resource "google_storage_bucket_iam_member" "build_source" {
+  bucket = var.bucket_name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.build.member
+}
