@@ -96,7 +96,7 @@ class DataConfig:
 class PackConfig:
     """Chat template, loss masks and packing."""
 
-    max_length: int = _f(1024, "Tokens per packed row (and the longest example kept).", minimum=8)
+    max_length: int = _f(1024, "Tokens per packed row (and the longest example kept).", minimum=8, maximum=1 << 20)
     loss_on: str = _f(
         "assistant",
         "`assistant`: loss on assistant tokens only; `all`: every token.",
@@ -114,14 +114,14 @@ class PackConfig:
         choices=("qa", "chatml"),
     )
     packing: bool = _f(True, "Best-fit-decreasing packing of several examples per row (isolated by position ids).")
-    num_proc: int = _f(0, "Tokenisation processes; 0 picks from the available cores.", minimum=0)
+    num_proc: int = _f(0, "Tokenisation processes; 0 picks from the available cores.", minimum=0, maximum=1024)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
     """PEFT LoRA adapter settings (also used by QLoRA)."""
 
-    r: int = _f(16, "LoRA rank.", minimum=1)
+    r: int = _f(16, "LoRA rank.", minimum=1, maximum=65536)
     alpha: float = _f(
         32,
         "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).",
@@ -153,8 +153,8 @@ class TrainConfig:
 
     max_steps: int = _f(-1, "Optimizer steps; -1 trains for `epochs`.", minimum=-1)
     epochs: float = _f(1.0, "Epochs over the packed rows when `max_steps` is -1.", minimum=0.0, exclusive_min=True)
-    batch_size: int = _f(4, "Packed rows per device per step.", minimum=1)
-    grad_accum: int = _f(1, "Gradient accumulation steps.", minimum=1)
+    batch_size: int = _f(4, "Packed rows per device per step.", minimum=1, maximum=1 << 20)
+    grad_accum: int = _f(1, "Gradient accumulation steps.", minimum=1, maximum=1 << 20)
     learning_rate: float = _f(1e-4, "Peak learning rate.", minimum=0.0, exclusive_min=True, maximum=1.0)
     lr_scheduler: str = _f(
         "cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant", "constant_with_warmup")
@@ -171,7 +171,7 @@ class TrainConfig:
     activation_checkpointing: str = _f(
         "auto", "`auto` turns it on only when memory requires it.", choices=("auto", "on", "off")
     )
-    threads: int = _f(0, "Torch intra-op threads; 0 uses the cores this process may run on.", minimum=0)
+    threads: int = _f(0, "Torch intra-op threads; 0 uses the cores this process may run on.", minimum=0, maximum=4096)
     optim: str = _f(
         "auto",
         "Optimizer: `auto` picks fused AdamW where torch supports it, else AdamW.",

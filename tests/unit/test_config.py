@@ -89,12 +89,14 @@ def test_replace_and_flat():
         (["noequals"], "expected KEY=VALUE"),
         (["a..b=1"], "empty key segment"),
         (["train.epochs=0"], "`train.epochs`: 0.0 must be > 0.0"),
-        (["pack.max_length=1.0e+12"], None),
+        (["pack.max_length=1.0e+12"], "`pack.max_length`: 1000000000000 must be <= 1048576"),
+        (["train.threads=1000000000000"], "`train.threads`"),
+        (["train.max_steps=100000000"], None),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
     if needle is None:  # a huge but valid number is accepted
-        assert config.load(None, overrides).pack.max_length == 10**12
+        assert config.load(None, overrides).train.max_steps == 10**8
         return
     with pytest.raises(ConfigError) as err:
         config.load(None, overrides)
