@@ -23,6 +23,9 @@ BUILD_SA ?= kubetune-build@$(PROJECT_ID).iam.gserviceaccount.com
 ARTIFACTS_BUCKET ?= $(PROJECT_ID)-kubetune-artifacts
 # Pipeline: compiled file, KFP endpoint (empty: a port-forward to the in-cluster UI), schedule.
 PIPELINE_FILE = build/sft_pipeline.yaml
+# The train tasks mount this claim (manifests/base/pipeline/checkpoints.yaml: the bucket's checkpoints/ prefix
+# through the GCS FUSE CSI driver), so checkpoints outlive a preempted pod and a retry resumes from them.
+CHECKPOINT_PVC = kubetune-checkpoints
 KFP_HOST ?=
 KFP_LOCAL_PORT ?= 8080
 CRON ?= 0 3 * * 0
@@ -122,10 +125,11 @@ images-ipex: ## build and push the opt-in cpu-ipex image (torch 2.8 + IPEX 2.8, 
 	    --substitutions _REGISTRY=$(REGISTRY),_TAG=$(TAG) . ; \
 	fi
 
-compile: setup ## compile the pipeline into build/sft_pipeline.yaml with the CPU and GPU images of TAG
+compile: setup ## compile the pipeline into build/sft_pipeline.yaml with the images of TAG and the checkpoint volume
 	@missing=0; $(need_project) exit $$missing
 	@mkdir -p $(dir $(PIPELINE_FILE))
-	$(KUBETUNE) pipeline compile --out $(PIPELINE_FILE) --cpu-image $(CPU_IMAGE) --gpu-image $(GPU_IMAGE)
+	$(KUBETUNE) pipeline compile --out $(PIPELINE_FILE) --cpu-image $(CPU_IMAGE) --gpu-image $(GPU_IMAGE) \
+	  --checkpoint-pvc $(CHECKPOINT_PVC) --checkpoint-gcsfuse
 
 upload: ## upload build/sft_pipeline.yaml to Kubeflow Pipelines (KFP_HOST, or a port-forward to the cluster)
 	@test -f $(PIPELINE_FILE) || { echo "error: $(PIPELINE_FILE) is missing: run 'make compile' first." >&2; exit 1; }

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 from kubetune.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, UserError
+from pipelines.placement import SERVICE_ACCOUNT
 
 DEFAULT_PACKAGE = "build/sft_pipeline.yaml"
 DEFAULT_EXPERIMENT = "kubetune"
 # The Kubernetes service account runs execute as (manifests/base/pipeline): its Google identity reads and writes
 # the artifacts bucket through Workload Identity.
-DEFAULT_SERVICE_ACCOUNT = "kubetune-pipeline"
+DEFAULT_SERVICE_ACCOUNT = SERVICE_ACCOUNT
 
 
 def _out(line: str) -> None:

@@ -17,6 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
+# Where, and as whom, the pipeline's pods run: the pipeline side of the contract with manifests/ and terraform/
+# (tests/infra/test_pipeline_contract.py reads both sides). KFP standalone runs every pod of a run in its own
+# namespace. `submit` and `schedule` run as SERVICE_ACCOUNT (manifests/base/pipeline, Workload Identity to the
+# artifacts bucket); a run started from the KFP UI with the form's service account left empty runs as KFP's
+# default runner, which Terraform also lets into the bucket (the checkpoint volume is a GCS FUSE mount of it).
+RUN_NAMESPACE = "kubeflow"
+SERVICE_ACCOUNT = "kubetune-pipeline"
+KFP_DEFAULT_SERVICE_ACCOUNT = "pipeline-runner"
+# Labels on every task's pod. MLflow's NetworkPolicy admits pods with ROLE_LABEL from RUN_NAMESPACE, and
+# nothing else in that namespace; STAGE_LABEL_KEY (value: the task's stage) is added per task.
+ROLE_LABEL = ("kubetune.io/role", "pipeline")
+POD_LABELS: dict[str, str] = {"app.kubernetes.io/part-of": "kubetune", ROLE_LABEL[0]: ROLE_LABEL[1]}
+STAGE_LABEL_KEY = "kubetune.io/stage"
+
 POOL_LABEL_KEY = "kubetune.io/pool"
 
 POOLS: dict[str, dict[str, str]] = {
@@ -75,6 +89,15 @@ def on_gpu(task: Any) -> Any:
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     task.set_accelerator_type(GPU_RESOURCE)
     task.set_accelerator_limit(GPU_COUNT)
+    return task
+
+
+def label(task: Any, stage: str) -> Any:
+    """Put :data:`POD_LABELS` and ``kubetune.io/stage=<stage>`` on the task's pod."""
+    from kfp import kubernetes
+
+    for key, value in {**POD_LABELS, STAGE_LABEL_KEY: stage}.items():
+        kubernetes.add_pod_label(task, key, value)
     return task
 
 

@@ -72,8 +72,7 @@ def _task(task: Any, *, stage: str, display: str, cache: bool, gpu: bool = False
     else:
         placement.on_pool(task, "cpu")
     placement.size(task, stage)
-    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "kubetune")
-    kubernetes.add_pod_label(task, "kubetune.io/stage", stage)
+    placement.label(task, stage)
     kubernetes.use_config_map_as_env(
         task, SETTINGS_CONFIGMAP[0], {SETTINGS_CONFIGMAP[1]: SETTINGS_CONFIGMAP[1]}, optional=True
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,8 @@ HCL_VENV = ROOT / ".venv-infra-hcl2"
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
 # Schemas of the Kubernetes minor GKE's regular channel runs (kubernetes-validate ships them offline).
 K8S_VERSION = "1.34.0"
+TF_ROOT = ROOT / "terraform"
+TF_FILES = sorted(TF_ROOT.rglob("*.tf"))
 
 
 def venv_tool(venv: Path, name: str) -> Path:
@@ -47,6 +50,38 @@ def binary(name: str) -> str:
 
 def run(cmd: list[str | Path], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=False, **kwargs)
+
+
+def make(*args: str, path: str | None = None, stdin: str | None = None, extra_env: dict | None = None):
+    """``make ARGS`` in the repository root with the deploy settings cleared from the environment."""
+    exe = shutil.which("make")
+    if exe is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TAG", "PROJECT_ID", "MAKEFLAGS", "MFLAGS", "HF_TOKEN")}
+    if path is not None:
+        env["PATH"] = path
+    env.update(extra_env or {})
+    return subprocess.run(
+        [exe, "--no-print-directory", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin or "",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def fake_bin(tmp_path: Path, scripts: dict[str, str]) -> str:
+    """A folder of executable bash scripts (name -> body) to put first on PATH in place of real tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(bin_dir)
 
 
 def render(overlay_dir: Path) -> list[dict]:
@@ -91,6 +126,58 @@ def assert_clean(report: dict) -> None:
     assert report["summary"]["passed"] > 0
     for check in report["results"]["skipped_checks"]:
         reason = (check.get("check_result") or {}).get("suppress_comment", "")
-        assert len(reason.strip()) > 15, (
-            f"{check['check_id']} in {check['file_path']} is skipped without a reason"
-        )
+        assert len(reason.strip()) > 15, f"{check['check_id']} in {check['file_path']} is skipped without a reason"
+
+
+_HCL_DUMP = """
+import json, sys
+import hcl2
+out = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            out[path] = hcl2.load(f)
+    except Exception as e:
+        sys.exit(f"{path}: does not parse: {e}")
+print(json.dumps(out))
+"""
+
+
+def _hcl_clean(value):
+    """python-hcl2 8 keeps literal quotes and adds comment metadata; strip both."""
+    if isinstance(value, dict):
+        return {_hcl_clean(k): _hcl_clean(v) for k, v in value.items() if k not in ("__comments__", "__is_block__")}
+    if isinstance(value, list):
+        return [_hcl_clean(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@pytest.fixture(scope="session")
+def parsed() -> dict[Path, dict]:
+    """Every .tf file under terraform/, parsed by python-hcl2 (its own venv), by path relative to the root."""
+    python = venv_tool(HCL_VENV, "python")
+    result = run([python, "-c", _HCL_DUMP, *TF_FILES])
+    assert result.returncode == 0, result.stderr
+    return {Path(p).relative_to(ROOT): _hcl_clean(tree) for p, tree in json.loads(result.stdout).items()}
+
+
+def tf_blocks(parsed: dict[Path, dict], folder: str, kind: str) -> dict[str, dict]:
+    """All blocks of ``kind`` (variable, output, locals...) in a folder, by name."""
+    out: dict[str, dict] = {}
+    for path, tree in parsed.items():
+        if path.parent == Path("terraform") / folder:
+            for block in tree.get(kind, []):
+                out.update(block)
+    return out
+
+
+def tf_resources(parsed: dict[Path, dict], folder: str, rtype: str) -> dict[str, dict]:
+    """All resources of type ``rtype`` in a folder, by name."""
+    out: dict[str, dict] = {}
+    for path, tree in parsed.items():
+        if path.parent == Path("terraform") / folder:
+            for block in tree.get("resource", []):
+                out.update(block.get(rtype, {}))
+    return out

@@ -54,13 +54,9 @@ def test_multi_stage_digest_pinned_and_non_root(dockerfile):
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert len(froms) >= 2, "multi-stage: build tools stay in the build stage"
     for ref in froms:
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), (
-            f"{ref} is not pinned by tag and digest"
-        )
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), f"{ref} is not pinned by tag and digest"
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
-    assert users and users[-1].split(":")[0] not in ("root", "0"), (
-        "the final stage must run as a non-root user"
-    )
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the final stage must run as a non-root user"
     # the last stage starts after the last FROM: no compiler toolchain besides what torch.compile needs
     final = text[text.rindex("\nFROM ") :]
     assert "pip install" not in final, "packages are installed in the build stage and copied"

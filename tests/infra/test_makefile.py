@@ -5,46 +5,18 @@ that guard the operator (prerequisites, destroy's confirmation, apply's values) 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import ROOT, binary, find, render
+from .conftest import ROOT, binary, fake_bin, find, make, render
 
 pytestmark = pytest.mark.infra
 
 MK = ROOT / "mk" / "infra.mk"
 REG = "us-central1-docker.pkg.dev/acme-ml/kubetune"
-
-
-def make(*args: str, path: str | None = None, stdin: str | None = None, extra_env: dict | None = None):
-    exe = shutil.which("make")
-    if exe is None:
-        pytest.skip("make is not installed")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("TAG", "PROJECT_ID", "MAKEFLAGS", "MFLAGS", "HF_TOKEN")
-    }
-    if path is not None:
-        env["PATH"] = path
-    env.update(extra_env or {})
-    return subprocess.run(
-        [exe, "--no-print-directory", *args],
-        cwd=ROOT,
-        env=env,
-        input=stdin or "",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def dry(*args: str) -> str:
@@ -98,8 +70,7 @@ def test_make_n_deploy_prints_the_full_sequence_in_order():
         "terraform -chdir=terraform/envs/dev init -input=false",
         "terraform -chdir=terraform/envs/dev apply -input=false",
         "gcloud container clusters get-credentials",
-        "docker build --file images/cpu/Dockerfile --build-arg TORCH_VERSION=2.13.0 "
-        f"--tag {REG}/kubetune-cpu:{tag}",
+        f"docker build --file images/cpu/Dockerfile --build-arg TORCH_VERSION=2.13.0 --tag {REG}/kubetune-cpu:{tag}",
         f"docker push {REG}/kubetune-cpu:{tag}",
         "gcloud builds submit --project acme-ml --region us-central1 --config images/cloudbuild.yaml",
         "kubectl apply -k manifests/kfp/cluster-scoped",
@@ -150,8 +121,7 @@ DRY_RUN = {
             f"--tag {REG}/kubetune-mlflow:t1",
             f"docker push {REG}/kubetune-cpu:t1",
             "--config images/cloudbuild.yaml",
-            "--service-account projects/acme-ml/serviceAccounts/"
-            "kubetune-build@acme-ml.iam.gserviceaccount.com",
+            "--service-account projects/acme-ml/serviceAccounts/kubetune-build@acme-ml.iam.gserviceaccount.com",
             f"_REGISTRY={REG},_TAG=t1,_TORCH_VERSION=2.13.0",
         ],
     ),
@@ -167,7 +137,8 @@ DRY_RUN = {
         ["PROJECT_ID=acme-ml", "TAG=t1"],
         [
             f"kubetune pipeline compile --out build/sft_pipeline.yaml --cpu-image {REG}/kubetune-cpu:t1 "
-            f"--gpu-image {REG}/kubetune-gpu:t1"
+            f"--gpu-image {REG}/kubetune-gpu:t1",
+            "--checkpoint-pvc kubetune-checkpoints --checkpoint-gcsfuse",
         ],
     ),
     "upload": (
@@ -252,16 +223,6 @@ def test_secrets_never_put_values_on_a_command_line():
     assert "--from-literal=password" not in out and "PASSWORD=" not in re.sub(r"printf '[^']*'", "", out)
 
 
-def _fake_bin(tmp_path: Path, scripts: dict[str, str]) -> str:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in scripts.items():
-        path = bin_dir / name
-        path.write_text("#!/bin/bash\n" + body)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(bin_dir)
-
-
 def test_deploy_prereqs_names_every_missing_tool_and_what_to_do(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -279,7 +240,7 @@ def test_deploy_prereqs_names_every_missing_tool_and_what_to_do(tmp_path):
 
 
 def test_deploy_prereqs_pass_when_everything_is_there(tmp_path):
-    fakes = _fake_bin(
+    fakes = fake_bin(
         tmp_path,
         {t: "exit 0\n" for t in ("gcloud", "gke-gcloud-auth-plugin", "terraform", "kubectl", "openssl")},
     )
@@ -300,7 +261,7 @@ def test_targets_refuse_to_run_without_their_inputs(tmp_path):
 @pytest.fixture
 def fake_terraform(tmp_path):
     log = tmp_path / "terraform.log"
-    fakes = _fake_bin(tmp_path, {"terraform": f'echo "$@" >> {log}\n'})
+    fakes = fake_bin(tmp_path, {"terraform": f'echo "$@" >> {log}\n'})
     return fakes, log
 
 
@@ -336,7 +297,7 @@ def test_apply_renders_the_overlay_with_terraform_values_and_the_tagged_image(tm
         "CHECKPOINTS_URI=gs://acme-ml-kubetune-artifacts/checkpoints\n"
         "CLOUDSQL_INSTANCE=acme-ml:us-central1:kubetune-dev-mlflow\n"
     )
-    fakes = _fake_bin(
+    fakes = fake_bin(
         tmp_path,
         {
             "terraform": f"printf '%s' '{infra_env}'\n",
@@ -361,9 +322,7 @@ def test_apply_renders_the_overlay_with_terraform_values_and_the_tagged_image(tm
         == "kubetune-mlflow@acme-ml.iam.gserviceaccount.com"
     )
     deployment = find(objects, "Deployment", "mlflow")
-    assert (
-        deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"{REG}/kubetune-mlflow:abc1234"
-    )
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"{REG}/kubetune-mlflow:abc1234"
     assert find(objects, "StatefulSet", "postgres")
     # the tree in git still renders with its example values
     assert "example-project" in (ROOT / "manifests" / "base" / "infra.env").read_text()

@@ -7,70 +7,17 @@ parse tree.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
-from .conftest import HCL_VENV, ROOT, assert_clean, binary, checkov, run, venv_tool
+from .conftest import ROOT, TF_FILES, TF_ROOT, assert_clean, binary, checkov, run
+from .conftest import tf_blocks as _blocks
+from .conftest import tf_resources as _resources
 
 pytestmark = pytest.mark.infra
 
-TF_ROOT = ROOT / "terraform"
-TF_FILES = sorted(TF_ROOT.rglob("*.tf"))
 MODULES = ["cluster", "node_pools", "storage", "registry", "database", "iam"]
-
-_DUMP = """
-import json, sys
-import hcl2
-out = {}
-for path in sys.argv[1:]:
-    try:
-        with open(path) as f:
-            out[path] = hcl2.load(f)
-    except Exception as e:
-        sys.exit(f"{path}: does not parse: {e}")
-print(json.dumps(out))
-"""
-
-
-def _clean(value):
-    """python-hcl2 8 keeps literal quotes and adds comment metadata; strip both."""
-    if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items() if k not in ("__comments__", "__is_block__")}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
-@pytest.fixture(scope="module")
-def parsed() -> dict[Path, dict]:
-    python = venv_tool(HCL_VENV, "python")
-    result = run([python, "-c", _DUMP, *TF_FILES])
-    assert result.returncode == 0, result.stderr
-    return {Path(p).relative_to(ROOT): _clean(tree) for p, tree in json.loads(result.stdout).items()}
-
-
-def _blocks(parsed: dict[Path, dict], folder: str, kind: str) -> dict[str, dict]:
-    """All blocks of ``kind`` (variable, output, locals...) in a folder, by name."""
-    out: dict[str, dict] = {}
-    for path, tree in parsed.items():
-        if path.parent == Path("terraform") / folder:
-            for block in tree.get(kind, []):
-                out.update(block)
-    return out
-
-
-def _resources(parsed: dict[Path, dict], folder: str, rtype: str) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for path, tree in parsed.items():
-        if path.parent == Path("terraform") / folder:
-            for block in tree.get("resource", []):
-                out.update(block.get(rtype, {}))
-    return out
 
 
 def test_terraform_files_exist_for_every_module_and_env():
@@ -207,9 +154,7 @@ def test_placement_contract_matches_the_pipeline(parsed):
         }
         for pool in ("cpu", "gpu")
     }
-    pipeline_side = {
-        pool: {k: POOLS[pool][k] for k in ("label_key", "label_value", "taint_effect")} for pool in POOLS
-    }
+    pipeline_side = {pool: {k: POOLS[pool][k] for k in ("label_key", "label_value", "taint_effect")} for pool in POOLS}
     assert pipeline_side == terraform_side
 
 
@@ -229,9 +174,7 @@ def test_cloud_sql_has_a_private_ip_only_and_backups(parsed):
     assert ip["ipv4_enabled"] is False
     assert ip["private_network"] == "${var.network_id}"
     assert settings["backup_configuration"][0]["enabled"] is True
-    assert _blocks(parsed, "modules/database", "variable")["database_version"]["default"].startswith(
-        "POSTGRES_"
-    )
+    assert _blocks(parsed, "modules/database", "variable")["database_version"]["default"].startswith("POSTGRES_")
 
 
 def test_workload_identity_bindings_match_the_manifests_service_accounts(parsed):
@@ -252,9 +195,7 @@ def test_workload_identity_bindings_match_the_manifests_service_accounts(parsed)
     bindings = _resources(parsed, "modules/iam", "google_service_account_iam_member")
     assert {b["role"] for b in bindings.values()} == {"roles/iam.workloadIdentityUser"}
     # No project-wide storage or owner/editor grants: bucket access is granted on the bucket only.
-    project_roles = {
-        b["role"] for b in _resources(parsed, "modules/iam", "google_project_iam_member").values()
-    }
+    project_roles = {b["role"] for b in _resources(parsed, "modules/iam", "google_project_iam_member").values()}
     assert not project_roles & {
         "roles/owner",
         "roles/editor",

@@ -160,6 +160,20 @@ def test_placement_per_task(spec):
     assert placement.taint("cpu") == "kubetune.io/pool=cpu-c3:NoSchedule"
 
 
+def test_pod_labels_per_task(spec):
+    """Every pod carries the role label MLflow's NetworkPolicy admits (tests/infra checks the policy side)."""
+    pipeline_spec, platform = spec
+    assert placement.POD_LABELS[placement.ROLE_LABEL[0]] == placement.ROLE_LABEL[1]
+    for task in LEAVES:
+        _, k8s = executor(pipeline_spec, platform, task)
+        stage = "prepare" if task == "prepare-fresh" else task
+        assert k8s["podMetadata"]["labels"] == {
+            "app.kubernetes.io/part-of": "kubetune",
+            "kubetune.io/role": "pipeline",
+            "kubetune.io/stage": stage,
+        }, task
+
+
 def test_gpu_only_on_the_gpu_branch_and_resources_per_task(spec):
     pipeline_spec, platform = spec
     for task in LEAVES:

@@ -128,7 +128,7 @@ def test_the_pipeline_runs_locally_end_to_end(tmp_path, stories_dir):
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["global_step"] == 2
     # checkpoints went to <checkpoint_root>/<run id>, outside the task's folder
-    (ckpt_run,) = (root / "checkpoints").iterdir()
+    (ckpt_run,) = [p for p in (root / "checkpoints").iterdir() if p.is_dir()]  # beside it: the run's lock file
     assert (ckpt_run / "checkpoint-2").is_dir()
 
     # artifact metadata and metrics, as the KFP UI shows them

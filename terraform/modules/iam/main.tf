@@ -4,6 +4,19 @@
 
 locals {
   workload_pool = "${var.project_id}.svc.id.goog"
+  # Workload Identity Federation for GKE names a Kubernetes service account directly as an IAM principal, without
+  # a Google service account to impersonate (and without an annotation on the Kubernetes side).
+  kfp_default_runner_principal = format(
+    "principal://iam.googleapis.com/projects/%s/locations/global/workloadIdentityPools/%s/subject/ns/%s/sa/%s",
+    data.google_project.this.number,
+    local.workload_pool,
+    var.kfp_default_runner_ksa.namespace,
+    var.kfp_default_runner_ksa.name,
+  )
+}
+
+data "google_project" "this" {
+  project_id = var.project_id
 }
 
 resource "google_service_account" "nodes" {
@@ -60,6 +73,15 @@ resource "google_service_account_iam_member" "pipeline_workload_identity" {
   service_account_id = google_service_account.pipeline.name
   role               = "roles/iam.workloadIdentityUser"
   member             = "serviceAccount:${local.workload_pool}[${var.pipeline_ksa.namespace}/${var.pipeline_ksa.name}]"
+}
+
+# A run started from the KFP UI with the form's service account left empty runs as KFP's default runner, not as
+# kubetune-pipeline. Its train pods mount the checkpoint volume (the bucket through the GCS FUSE CSI driver, which
+# authenticates as the pod's service account), so that account needs the same object access.
+resource "google_storage_bucket_iam_member" "kfp_default_runner_objects" {
+  bucket = var.bucket_name
+  role   = "roles/storage.objectUser"
+  member = local.kfp_default_runner_principal
 }
 
 # --- MLflow --------------------------------------------------------------------------------------------------

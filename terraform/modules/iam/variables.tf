@@ -40,6 +40,18 @@ variable "pipeline_ksa" {
   }
 }
 
+variable "kfp_default_runner_ksa" {
+  type = object({
+    namespace = string
+    name      = string
+  })
+  description = "Kubernetes service account KFP runs a pipeline as when the run names none (a run started from the KFP UI); it gets the pipeline's object access to the bucket."
+  default = {
+    namespace = "kubeflow"
+    name      = "pipeline-runner"
+  }
+}
+
 variable "mlflow_ksa" {
   type = object({
     namespace = string
