@@ -299,7 +299,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("generate: no prompts; pass --prompt TEXT (repeatable) or lines on stdin")
     adapter = _dir(cfg, args.adapter, "train")
-    answers = generate(cfg.model, adapter, prompts, max_new_tokens=args.max_new_tokens)
+    adapter_cfg = adapter / "config.yaml"
+    method = cfg.method
+    if adapter_cfg.is_file():  # the adapter records how it was trained (a QLoRA adapter needs its quantised base)
+        import yaml
+
+        method = (yaml.safe_load(adapter_cfg.read_text()) or {}).get("method", method)
+    answers = generate(
+        cfg.model,
+        adapter,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=cfg.data.system_prompt,
+        threads=cfg.train.threads,
+        quant=cfg.quant if method == "qlora" else None,
+    )
     for prompt, answer in zip(prompts, answers, strict=True):
         _print(f"### {prompt}\n{answer}\n")
     return EXIT_OK

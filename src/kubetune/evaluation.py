@@ -2,10 +2,11 @@
 
 Loss: the token-weighted mean cross-entropy over exactly the tokens the training loss uses (``labels != -100`` in
 ``<packed>/eval``, the held-out conversations tokenised and masked like the training rows), for the first
-``eval.max_rows`` examples. Base and adapter are scored by the same model object (``PeftModel.disable_adapter()``
-gives the base), batch by batch, so both see identical inputs. Rows are right-padded with an attention mask; a row
-holding several packed examples (``seq_lengths``) is split into them, since packed examples never see each other.
-Perplexity is ``exp(loss)``.
+``eval.max_rows`` examples. Base and adapter come from the same loaded weights and see identical batches: the base
+first, with the adapter switched off (``PeftModel.disable_adapter()``, exact), then the adapter, merged into the
+weights (the same function, faster; a quantised QLoRA base is left unmerged). Rows are right-padded with an
+attention mask; a row holding several packed examples (``seq_lengths``) is split into them, since packed examples
+never see each other. Perplexity is ``exp(loss)``.
 
 Generation: the first ``eval.num_samples`` held-out conversations of ``<prepared>/eval.jsonl`` (prompt = every message
 before the final assistant answer, formatted with ``<packed>/tokenizer``'s chat template) plus the fixed
@@ -135,13 +136,6 @@ def _training_method(adapter: Path, cfg: Config) -> str:
 # Scoring
 
 
-@dataclasses.dataclass
-class LossSums:
-    adapter: float = 0.0
-    base: float = 0.0
-    tokens: int = 0
-
-
 def _loss_sum(model, input_ids, attention_mask, labels) -> float:
     import torch.nn.functional as F
 
@@ -154,16 +148,16 @@ def _loss_sum(model, input_ids, attention_mask, labels) -> float:
 
 
 def score(
-    model, examples: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int, with_base: bool = True
-) -> LossSums:
-    """Summed cross-entropy of the adapter (and of the base, via ``disable_adapter``) over all loss tokens.
+    model, examples: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int, desc: str = "scoring"
+) -> tuple[float, int]:
+    """(summed cross-entropy, number of loss tokens) of ``model`` over every label token of ``examples``.
 
     Token ``t`` is scored by the logits at ``t - 1``, as in training; examples are batched longest first with
     right padding (padded positions are masked out of attention and loss).
     """
     import torch
 
-    sums = LossSums()
+    total, tokens = 0.0, 0
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     started = time.monotonic()
@@ -179,20 +173,12 @@ def score(
             labels[row, : len(ids)] = torch.tensor(lab, dtype=torch.long)
             attention[row, : len(ids)] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
-        sums.tokens += int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+        tokens += int((labels[:, 1:] != IGNORE_INDEX).sum().item())
         with torch.inference_mode():
-            sums.adapter += _loss_sum(model, input_ids, attention, labels)
-            if with_base:
-                with model.disable_adapter():
-                    sums.base += _loss_sum(model, input_ids, attention, labels)
-        log.info(
-            "scoring held-out rows (adapter%s): %d/%d (%.1f s)",
-            " and base" if with_base else "",
-            min(start + batch_size, len(order)),
-            len(order),
-            time.monotonic() - started,
-        )
-    return sums
+            total += _loss_sum(model, input_ids, attention, labels)
+        done = min(start + batch_size, len(order))
+        log.info("%s: %d/%d held-out rows (%.1f s)", desc, done, len(order), time.monotonic() - started)
+    return total, tokens
 
 
 def perplexity(loss: float) -> float | None:
@@ -259,21 +245,42 @@ def evaluate(
             threads=cfg.train.threads,
         )
         tok, model = loaded.tokenizer, loaded.model
+        samples = _sample_prompts(cfg, heldout)
+        texts = [generation.render_prompt(tok, s["messages"]) for s in samples]
+        gen_kwargs = {
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "batch_size": cfg.eval.batch_size,
+            "stop_ids": generation.stop_token_ids(tok, model),
+            "max_prompt_tokens": cfg.pack.max_length,
+        }
+        timings = {"eval_seconds": 0.0, "generation_seconds": 0.0}
 
-        started = time.monotonic()
-        sums = score(model, examples, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id)
-        eval_seconds = time.monotonic() - started
-        if sums.tokens == 0:
+        def run(m, who: str) -> tuple[float, int, list[str]]:
+            started = time.monotonic()
+            loss_sum, tokens = score(
+                m, examples, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id, desc=f"scoring the {who}"
+            )
+            timings["eval_seconds"] += time.monotonic() - started
+            started = time.monotonic()
+            answers = generation.generate_texts(m, tok, texts, desc=f"generating with the {who}", **gen_kwargs)
+            timings["generation_seconds"] += time.monotonic() - started
+            return loss_sum, tokens, answers
+
+        # The base first, exactly (the adapter switched off), then the adapter: merged into the weights when the
+        # base is not quantised (the same function, one matmul per layer instead of three; on CPU the many small
+        # LoRA matmuls cost more than their FLOPs suggest). A 4-bit base cannot take a merge without loss.
+        with model.disable_adapter():
+            base_sum, tokens, base_out = run(model, "base model")
+        if tokens == 0:
             raise UserError(
                 f"{packed / 'eval'}: the held-out rows carry no loss tokens (every label is -100); "
                 "check `pack.loss_on` and that the conversations end with an assistant answer"
             )
+        adapted = model.merge_and_unload() if method != "qlora" else model
+        adapter_sum, _, adapter_out = run(adapted, "adapter")
+        _score_samples(samples, base_out, adapter_out)
 
-        started = time.monotonic()
-        samples = _generate_samples(cfg, model, tok, heldout)
-        generation_seconds = time.monotonic() - started
-
-        metrics = _metrics(sums, samples, len(examples), eval_seconds, generation_seconds)
+        metrics = _metrics(adapter_sum / tokens, base_sum / tokens, tokens, samples, len(examples), timings)
         write_json(w.tmp / "metrics.json", metrics)
         with open(w.tmp / "samples.jsonl", "w", encoding="utf-8") as fh:
             for s in samples:
@@ -295,7 +302,7 @@ def evaluate(
             metrics["base_eval_loss"],
             metrics["eval_loss_delta"],
             len(examples),
-            sums.tokens,
+            tokens,
             out / "eval_report.md",
         )
     return out
@@ -308,7 +315,9 @@ def _global_step(adapter: Path) -> int | None:
         return None
 
 
-def _generate_samples(cfg: Config, model, tok, heldout: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _sample_prompts(cfg: Config, heldout: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prompts to generate for: held-out conversations up to their final answer (the reference), then the
+    fixed ``eval.prompts`` (with ``data.system_prompt`` when set, as prepare adds it to the data)."""
     system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
     samples: list[dict[str, Any]] = []
     for conv in heldout:
@@ -333,20 +342,11 @@ def _generate_samples(cfg: Config, model, tok, heldout: list[dict[str, Any]]) ->
                 "reference": None,
             }
         )
-    if not samples:
-        return samples
-    texts = [generation.render_prompt(tok, s["messages"]) for s in samples]
-    stop = generation.stop_token_ids(tok, model)
-    kwargs = {
-        "max_new_tokens": cfg.eval.max_new_tokens,
-        "batch_size": cfg.eval.batch_size,
-        "stop_ids": stop,
-        "max_prompt_tokens": cfg.pack.max_length,
-    }
-    adapter_out = generation.generate_texts(model, tok, texts, desc="generating with the adapter", **kwargs)
-    with model.disable_adapter():
-        base_out = generation.generate_texts(model, tok, texts, desc="generating with the base model", **kwargs)
-    for s, a, b in zip(samples, adapter_out, base_out, strict=True):
+    return samples
+
+
+def _score_samples(samples: list[dict[str, Any]], base_out: list[str], adapter_out: list[str]) -> None:
+    for s, b, a in zip(samples, base_out, adapter_out, strict=True):
         s["base"], s["adapter"] = b, a
         ref = s["reference"]
         if ref is not None:
@@ -354,13 +354,16 @@ def _generate_samples(cfg: Config, model, tok, heldout: list[dict[str, Any]]) ->
             s["exact_match"] = task_metrics.exact_match(a, ref)
             s["base_rouge_l"] = round(task_metrics.rouge_l(b, ref), 6)
             s["rouge_l"] = round(task_metrics.rouge_l(a, ref), 6)
-    return samples
 
 
 def _metrics(
-    sums: LossSums, samples: list[dict[str, Any]], rows: int, eval_seconds: float, generation_seconds: float
+    loss: float,
+    base: float,
+    tokens: int,
+    samples: list[dict[str, Any]],
+    rows: int,
+    timings: dict[str, float],
 ) -> dict[str, Any]:
-    loss, base = sums.adapter / sums.tokens, sums.base / sums.tokens
     scored = [s for s in samples if s["reference"] is not None]
     refs = [s["reference"] for s in scored]
     return {
@@ -374,11 +377,11 @@ def _metrics(
         "rouge_l": task_metrics.mean_rouge_l([s["adapter"] for s in scored], refs),
         "base_rouge_l": task_metrics.mean_rouge_l([s["base"] for s in scored], refs),
         "eval_rows": rows,
-        "eval_tokens": sums.tokens,
+        "eval_tokens": tokens,
         "generation_rows": len(scored),
         "prompt_rows": len(samples) - len(scored),
-        "eval_seconds": round(eval_seconds, 3),
-        "generation_seconds": round(generation_seconds, 3),
+        "eval_seconds": round(timings["eval_seconds"], 3),
+        "generation_seconds": round(timings["generation_seconds"], 3),
     }
 
 

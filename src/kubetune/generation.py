@@ -362,13 +362,16 @@ def generate(
         device=device,
         threads=threads,
     )
+    model = loaded.model
+    if loaded.is_adapter and quant is None:
+        model = model.merge_and_unload()  # the same function, one matmul per layer instead of three
     if raw:
         texts = list(prompts)
     else:
         prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
         texts = [render_prompt(loaded.tokenizer, [*prefix, {"role": "user", "content": p}]) for p in prompts]
     return generate_texts(
-        loaded.model,
+        model,
         loaded.tokenizer,
         texts,
         max_new_tokens=max_new_tokens,

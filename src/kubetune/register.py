@@ -359,9 +359,8 @@ def register(
                 "error": str(err),
                 "outbox": OUTBOX,
             }
-            if resend:  # the outbox already holds the snapshot; only the error and progress change
-                return _write(out, fp, inputs, settings, record, status="pending", outbox=(payload, base_dir))
-            return _write(out, fp, inputs, settings, record, status="pending", outbox=(payload, None))
+            # On a resend the payload's artifact paths point into the current outbox; they are carried over.
+            return _write(out, fp, inputs, settings, record, status="pending", outbox=(payload, base_dir))
         record = {**result, "status": "registered", "kubetune_run_id": run_key}
         out = _write(out, fp, inputs, settings, record, status="registered")
         log.info(

@@ -123,14 +123,17 @@ def registered_model_name(cfg, base_name: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Retry:
-    """Bounded exponential backoff around a whole send. With the defaults an unreachable server is given up on
-    after 4 attempts and 1 + 2 + 4 s of waiting (a refused connection fails at once; a silent one costs
-    ``request_timeout_s`` per request); no new attempt starts after ``deadline_s``."""
+    """Bounded exponential backoff around a whole (idempotent) send.
+
+    No attempt starts once ``deadline_s`` would be passed. With the defaults a server that refuses connections is
+    given up on after 4 attempts and 1 + 2 + 4 s of waiting (about 7 s); one that does not answer at all costs
+    ``request_timeout_s`` per attempt, so 2 attempts and about 31 s. Each request waits at most
+    ``request_timeout_s`` for the server's answer (MLflow's own default is 120 s, with 7 retries of its own)."""
 
     attempts: int = 4
     base_delay_s: float = 1.0
     max_delay_s: float = 8.0
-    deadline_s: float = 40.0
+    deadline_s: float = 30.0
     request_timeout_s: int = 15
 
 
@@ -414,6 +417,9 @@ def _log_artifacts(c, run_id: str, artifacts: list[dict[str, Any]], base_dir: Pa
                 "is gone; re-run the stage that wrote it, then `kubetune register`"
             )
         dest = a.get("artifact_path") or None
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        size = sum(p.stat().st_size for p in files)
+        log.info("MLflow: uploading %s -> artifacts/%s (%d file(s), %.1f MB)", path, dest or "", len(files), size / 1e6)
         if path.is_dir():
             c.log_artifacts(run_id, str(path), dest)
         else:
@@ -438,8 +444,9 @@ def _find_or_create_version(c, name: str, run, spec: dict[str, Any]):
             if mv.tags.get(k) != v:
                 c.set_model_version_tag(name, mv.version, k, v)
         return c.get_model_version(name, mv.version)
-    # The source is the run's artifact location itself (not runs:/...), so `models:/<name>@champion` resolves
-    # with the registry alone, without a tracking URI configured on the reader's side.
+    # The source is the run's artifact location itself, not runs:/<id>/...: resolving runs:/ makes the reader look
+    # the run up in *its* tracking store (with none configured, MLflow quietly creates ./mlflow.db). A local store's
+    # source is then a plain absolute path; a server's is mlflow-artifacts:/..., served by that server.
     source = f"{run.info.artifact_uri.rstrip('/')}/{spec['artifact_path']}"
     return c.create_model_version(
         name, source=source, run_id=run_id, tags=spec["tags"], description=spec.get("description"), await_creation_for=0

@@ -146,6 +146,10 @@ def test_generate_with_merged_model_matches_adapter(adapter_dir, tiny_model_dir,
     via_merged = generation.generate(cfg, merged_dir, prompts, max_new_tokens=10)
     assert via_adapter == via_merged
     assert len(via_adapter) == 2
+    # generate() merges the adapter in memory; the unmerged PeftModel answers the same.
+    loaded = generation.load(cfg, adapter_dir)
+    texts = [generation.render_prompt(loaded.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    assert generation.generate_texts(loaded.model, loaded.tokenizer, texts, max_new_tokens=10) == via_adapter
 
 
 def test_system_prompt_and_raw_mode_change_the_input(adapter_dir, tiny_model_dir):

@@ -324,14 +324,18 @@ def test_a_pending_registration_is_sent_once_when_mlflow_is_back(store, tmp_path
 
     run = make_run(tmp_path, "later", eval_loss=1.0)
     cfg = cfg_for(store, "m-later", tmp_path)
-    with monkeypatch.context() as m:  # an outage: every connection fails
+    for attempt in (1, 2):  # an outage: every connection fails; the second try fails differently
+        with monkeypatch.context() as m:
 
-        def refused(uri):
-            raise requests.ConnectionError(f"connection to {uri} refused")
+            def refused(uri, attempt=attempt):
+                raise requests.ConnectionError(f"connection to {uri} refused (try {attempt})")
 
-        m.setattr(tracking, "client", refused)
-        with caplog.at_level(logging.WARNING):
-            assert do_register(cfg, run, tmp_path / "out")["status"] == "pending"
+            m.setattr(tracking, "client", refused)
+            with caplog.at_level(logging.WARNING):
+                pending = do_register(cfg, run, tmp_path / "out")
+        assert pending["status"] == "pending" and f"(try {attempt})" in pending["error"]
+        # The snapshot is carried over from one pending folder to the next.
+        assert (tmp_path / "out" / "outbox" / "00-later-adapter" / "adapter_model.safetensors").is_file()
     assert "unreachable" in caplog.text
 
     reg = do_register(cfg, run, tmp_path / "out")  # the store is back
