@@ -107,12 +107,24 @@ def read_manifest(path: str | Path, stage: str | None = None) -> dict[str, Any]:
     return manifest
 
 
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_holder(out: str | Path) -> str:
+    """Who holds (or last held) the one-writer lock of ``out``: ``pid N on HOST``, for messages."""
+    try:
+        return _lock_path(Path(out)).read_text(errors="replace").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
 @contextlib.contextmanager
 def output_lock(out: str | Path) -> Iterator[Path]:
     """Hold an exclusive, non-blocking flock next to ``out`` for the duration; refuse a second writer."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.parent / f".{out.name}.lock"
+    lock_path = _lock_path(out)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -157,10 +169,23 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (a crash of the node must not undo it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def sweep_stale_tmp(out: Path) -> None:
-    """Remove temporary folders that a killed writer of ``out`` left behind (we hold the lock)."""
-    for p in out.parent.glob(f"{out.name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what a killed writer of ``out`` left behind (we hold the lock): its temporary folder, or the old
+    output it was about to delete when it replaced it (``--overwrite``)."""
+    for pattern in (f"{out.name}.tmp-*", f"{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            log.info("removing %s, left by a writer that did not finish", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -233,10 +258,16 @@ def stage_output(
             if out.exists():
                 old = out.parent / f"{out.name}.old-{secrets.token_hex(3)}"
                 os.replace(out, old)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)  # put the previous output back rather than leave none
+                    raise
+                _fsync_dir(out.parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+                _fsync_dir(out.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -244,6 +275,19 @@ def stage_output(
 
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a reader sees the old file or the whole new one, never a part, even after ``kill -9``
+    or a crash of the node: temp file, fsync, rename, fsync of the folder."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+    _fsync_dir(path.parent)
 
 
 def read_json(path: str | Path) -> Any:

@@ -364,7 +364,9 @@ def _guard(fn) -> int:
     try:
         return int(fn() or 0)
     except UserError as err:
-        print(f"kubetune: error: {err}", file=sys.stderr, flush=True)
+        # One line, always: a value quoted from the input may itself hold line breaks.
+        message = " ".join(str(err).splitlines())
+        print(f"kubetune: error: {message}", file=sys.stderr, flush=True)
         return err.exit_code
     except Preempted as err:
         print(f"kubetune: {err}", file=sys.stderr, flush=True)

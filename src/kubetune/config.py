@@ -344,6 +344,11 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ConfigError(f"config key `{key}`: {value!r} must be <= {hi}")
 
 
+def _printable(key: Any) -> str:
+    """A key from the input as it can be shown on one line (line breaks and control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(key))
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
@@ -353,7 +358,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = str(unknown[0])
+        key = _printable(unknown[0])
         near = difflib.get_close_matches(key, list(fields), n=1)
         hint = f"; did you mean `{prefix}{near[0]}`?" if near else f"; valid keys: {', '.join(fields)}"
         raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
@@ -412,12 +417,12 @@ def _dotted_to_nested(pairs: dict[str, Any], source: str) -> dict[str, Any]:
     for dotted, value in pairs.items():
         parts = dotted.split(".")
         if not all(parts):
-            raise ConfigError(f"{source} `{dotted}`: empty key segment; write KEY=VALUE like `lora.r=8`")
+            raise ConfigError(f"{source} `{_printable(dotted)}`: empty key segment; write KEY=VALUE like `lora.r=8`")
         cur = nested
         for p in parts[:-1]:
             nxt = cur.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"{source} `{dotted}`: `{p}` is a value, not a section")
+                raise ConfigError(f"{source} `{_printable(dotted)}`: `{_printable(p)}` is a value, not a section")
             cur = nxt
         cur[parts[-1]] = value
     return nested
@@ -466,11 +471,16 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
+    if path is not None:
+        try:
+            from_dict(data)  # errors in the file itself are reported against the file
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
     try:
         return from_dict(_merge(data, parse_overrides(overrides)))
     except ConfigError as err:
-        if path is not None and not str(err).startswith(("config file", "--set")):
-            raise ConfigError(f"config file {path}: {err}") from None
+        if overrides and not str(err).startswith("--set"):
+            raise ConfigError(f"--set: {err}") from None
         raise
 
 

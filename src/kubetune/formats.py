@@ -158,8 +158,7 @@ def _check_text(text: str, where: str, code: str) -> str:
     except UnicodeEncodeError as err:
         raise RowError(
             "invalid_text",
-            f"{where} holds an unpaired surrogate ({short(text[err.start])}), which is "
-            "not valid Unicode text",
+            f"{where} holds an unpaired surrogate ({short(text[err.start])}), which is not valid Unicode text",
         ) from None
     return text
 
@@ -169,9 +168,7 @@ def _text(obj: dict, key: str) -> str:
         raise RowError("missing_field", f"missing field `{key}`")
     value = obj[key]
     if not isinstance(value, str):
-        raise RowError(
-            "wrong_type", f"field `{key}` must be a string, got {type_name(value)} {short(value, 30)}"
-        )
+        raise RowError("wrong_type", f"field `{key}` must be a string, got {type_name(value)} {short(value, 30)}")
     return _check_text(value, f"field `{key}`", "empty_field")
 
 
@@ -181,9 +178,7 @@ def _optional_text(obj: dict, key: str) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise RowError(
-            "wrong_type", f"field `{key}` must be a string, got {type_name(value)} {short(value, 30)}"
-        )
+        raise RowError("wrong_type", f"field `{key}` must be a string, got {type_name(value)} {short(value, 30)}")
     return _check_text(value, f"field `{key}`", "empty_field")
 
 
@@ -192,9 +187,7 @@ def _list(obj: dict, key: str) -> list:
         raise RowError("missing_field", f"missing field `{key}`")
     value = _maybe_json_list(obj[key])
     if not isinstance(value, list):
-        raise RowError(
-            "wrong_type", f"field `{key}` must be a list, got {type_name(value)} {short(value, 30)}"
-        )
+        raise RowError("wrong_type", f"field `{key}` must be a list, got {type_name(value)} {short(value, 30)}")
     if not value:
         raise RowError("empty_field", f"field `{key}` is an empty list")
     return value
@@ -205,13 +198,10 @@ def _content(value: Any, where: str) -> str:
     if isinstance(value, list):
         parts = []
         for i, part in enumerate(value):
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise RowError(
                     "wrong_type",
-                    f'{where}[{i}] must be a text part {{"type": "text", "text": '
-                    f"...}}, got {short(part, 30)}",
+                    f'{where}[{i}] must be a text part {{"type": "text", "text": ...}}, got {short(part, 30)}',
                 )
             parts.append(part["text"])
         value = "".join(parts)
@@ -299,9 +289,7 @@ def _lima(obj: dict) -> list[dict]:
         where = f"`conversations[{i}]`"
         if not isinstance(t, str):
             raise RowError("wrong_type", f"{where} must be a string, got {type_name(t)} {short(t, 30)}")
-        out.append(
-            {"role": "user" if i % 2 == 0 else "assistant", "content": _check_text(t, where, "empty_content")}
-        )
+        out.append({"role": "user" if i % 2 == 0 else "assistant", "content": _check_text(t, where, "empty_content")})
     if len(out) == 1:
         raise RowError("no_assistant", "no assistant turn: `conversations` holds only the user's message")
     if len(out) % 2:
@@ -324,8 +312,7 @@ def _history(obj: dict) -> list[dict]:
     if not isinstance(value, list):
         raise RowError(
             "wrong_type",
-            f"field `history` must be a list of [user, assistant] pairs, got "
-            f"{type_name(value)} {short(value, 30)}",
+            f"field `history` must be a list of [user, assistant] pairs, got {type_name(value)} {short(value, 30)}",
         )
     out = []
     for i, pair in enumerate(value):
@@ -335,9 +322,7 @@ def _history(obj: dict) -> list[dict]:
                 f"`history[{i}]` must be a [user, assistant] pair of strings, got {short(pair, 30)}",
             )
         out.append({"role": "user", "content": _check_text(pair[0], f"`history[{i}][0]`", "empty_content")})
-        out.append(
-            {"role": "assistant", "content": _check_text(pair[1], f"`history[{i}][1]`", "empty_content")}
-        )
+        out.append({"role": "assistant", "content": _check_text(pair[1], f"`history[{i}][1]`", "empty_content")})
     return out
 
 

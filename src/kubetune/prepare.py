@@ -194,9 +194,7 @@ def prepare(cfg: Config, out: str | Path, *, overwrite: bool = False) -> Path:
         inputs["eval_data"] = eval_src.description
     config = dataclasses.asdict(data)
     fp = artifacts.fingerprint("prepare", OUTPUT_VERSION, inputs, config)
-    with artifacts.stage_output(
-        out, "prepare", fp, inputs=inputs, config=config, overwrite=overwrite
-    ) as writer:
+    with artifacts.stage_output(out, "prepare", fp, inputs=inputs, config=config, overwrite=overwrite) as writer:
         if writer.up_to_date:
             return writer.out
         report = _build(data, train_src, eval_src, writer.tmp, inputs)
@@ -250,6 +248,13 @@ def _build(
 
     notes: list[str] = []
     if eval_pool is None:
+        if data.eval_size > 0 and len(pool) < 2:
+            dups = sum(st.duplicates for st in run.stats)
+            raise UserError(
+                f"{data.path}: only {len(pool)} usable row after removing duplicates and bad rows"
+                f"{f' ({dups} duplicates)' if dups else ''}; a train/eval split needs at least 2 distinct rows "
+                "(add rows, give data.eval_path, or set data.eval_size=0 to skip the held-out split)"
+            )
         n_eval, note = eval_count(len(pool), data.eval_size)
         if note:
             notes.append(note)
@@ -327,9 +332,7 @@ def _read(
             st.kept += 1
             if cap is not None and len(pool) >= cap:
                 run.max_rows_stop = where = pool.where(len(pool) - 1)
-                log.info(
-                    "prepare: data.max_rows=%d reached at %s; the rest of the data is not read", cap, where
-                )
+                log.info("prepare: data.max_rows=%d reached at %s; the rest of the data is not read", cap, where)
                 break
         st.blank_lines, st.kind = sf.blank_lines, sf.kind  # kind: a .json file may turn out to be JSON Lines
         if st.rows_read == 0:
@@ -386,9 +389,7 @@ def _require_rows(run: _Run, source: sources.Source, role: str, pool: _Pool) -> 
     label = source.spec
     if read == 0:
         what = "the file is empty" if len(source.files) == 1 else f"its {len(source.files)} files are empty"
-        raise UserError(
-            f"{label}: no rows ({what}); point `data.{'eval_path' if role == 'eval' else 'path'}` at data"
-        )
+        raise UserError(f"{label}: no rows ({what}); point `data.{'eval_path' if role == 'eval' else 'path'}` at data")
     parts = [f"{read} read"]
     bad = [b for b in run.bad if b.source in {s.source for s in stats}]
     if bad:
@@ -545,8 +546,7 @@ def _report(run: _Run, inputs: dict[str, Any], train_view, eval_view, notes: lis
         "formats": per_format,
         "bad_rows_by_reason": by_reason,
         "bad_rows": [
-            {"source": b.source, "row": b.row, "unit": b.unit, "code": b.code, "reason": b.reason}
-            for b in run.bad
+            {"source": b.source, "row": b.row, "unit": b.unit, "code": b.code, "reason": b.reason} for b in run.bad
         ],
         "duplicate_examples": run.duplicate_examples[: _REPORT_EXAMPLES * 4],
         "train": train,
@@ -602,8 +602,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         fmt = (s["format"] or "-") + (" (detected)" if s["detected"] and s["format"] else "")
         read = s["rows_read"] if s["read"] else "not read"
         lines.append(
-            f"| `{_md(s['source'])}` | {s['role']} | {fmt} | {read} | {s['kept']} | {s['duplicates']} | "
-            f"{s['bad']} |"
+            f"| `{_md(s['source'])}` | {s['role']} | {fmt} | {read} | {s['kept']} | {s['duplicates']} | {s['bad']} |"
         )
     lines += ["", "## Formats", "", "| format | rows read | kept |", "| --- | ---: | ---: |"]
     lines += [f"| {f} | {v['rows_read']} | {v['kept']} |" for f, v in report["formats"].items()]

@@ -87,9 +87,7 @@ class Source:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve(
-    spec: str, *, key: str = "data.path", split: str = "train", revision: str | None = None
-) -> Source:
+def resolve(spec: str, *, key: str = "data.path", split: str = "train", revision: str | None = None) -> Source:
     """Decide local vs hub for ``spec`` and prepare the files to read (hub datasets are loaded here)."""
     spec = (spec or "").strip()
     if not spec:
@@ -102,13 +100,11 @@ def resolve(
         return _local(spec, path, key)
     if _looks_like_path(spec):
         raise UserError(
-            f"{spec}: file not found (config key `{key}`); check the path (a hub dataset id looks "
-            "like `owner/name`)"
+            f"{spec}: file not found (config key `{key}`); check the path (a hub dataset id looks like `owner/name`)"
         )
     if not _HUB_ID.match(spec):
         raise UserError(
-            f"config key `{key}`: {spec!r} is neither an existing file or folder nor a hub dataset "
-            "id like `owner/name`"
+            f"config key `{key}`: {spec!r} is neither an existing file or folder nor a hub dataset id like `owner/name`"
         )
     return _hub(spec, split=split, revision=revision, key=key)
 
@@ -194,9 +190,7 @@ def _parse_json_line(raw: bytes, offset: int, lineno: int) -> RawRow | None:
     try:
         return RawRow(lineno, value=json.loads(text.rstrip("\r\n")))  # columns then count within the line
     except json.JSONDecodeError as err:
-        return RawRow(
-            lineno, error=RowError("invalid_json", f"not valid JSON ({err.msg} at column {err.colno})")
-        )
+        return RawRow(lineno, error=RowError("invalid_json", f"not valid JSON ({err.msg} at column {err.colno})"))
     except RecursionError:
         return RawRow(lineno, error=RowError("invalid_json", "not valid JSON (nested too deeply)"))
     except ValueError as err:  # e.g. an integer longer than Python's digit limit
@@ -298,9 +292,7 @@ def _read_csv(path: Path, sf: SourceFile) -> Iterator[RawRow]:
             if header is None:
                 return
             if bad_lines:
-                raise UserError(
-                    f"{sf.label} line 1: {bad_lines[min(bad_lines)]} in the header; re-save as UTF-8"
-                )
+                raise UserError(f"{sf.label} line 1: {bad_lines[min(bad_lines)]} in the header; re-save as UTF-8")
             index, last_line = 0, reader.line_num
             for record in reader:
                 first_line, last_line = last_line + 1, reader.line_num
@@ -363,9 +355,7 @@ def _hub(spec: str, *, split: str, revision: str | None, key: str) -> Source:
     except ValueError as err:  # unknown split, malformed id, bad config name
         raise UserError(f"{where}: {_first_line(err)}; check `{key}` and `data.split`") from None
     if isinstance(ds, datasets.DatasetDict):  # a loader that ignored `split`; refuse rather than guess
-        raise UserError(
-            f"{where}: returned several splits ({', '.join(ds)}); set `data.split` to one of them"
-        )
+        raise UserError(f"{where}: returned several splits ({', '.join(ds)}); set `data.split` to one of them")
     description = {
         "kind": "hub",
         "id": spec,
@@ -386,9 +376,7 @@ def _saved(spec: str, path: Path) -> Source:
     except (OSError, ValueError) as err:
         raise UserError(f"{spec}: not a readable saved dataset ({_first_line(err)})") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise UserError(
-            f"{spec}: a saved DatasetDict ({', '.join(ds)}); point data.path at one split's folder"
-        )
+        raise UserError(f"{spec}: a saved DatasetDict ({', '.join(ds)}); point data.path at one split's folder")
     description = {"kind": "saved", "path": spec, "sha256": dir_digest(path), "num_rows": len(ds)}
     return Source(spec, [SourceFile(spec, "saved", "row", _dataset_rows(ds))], description)
 

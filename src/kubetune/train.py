@@ -8,16 +8,28 @@ adapter folder (see docs/architecture.md):
     training_summary.json      config.yaml          merged/ (train.merge)   manifest.json
 
 Checkpoints go to ``train.checkpoint_dir`` (default ``<adapter>/../checkpoints``): ``checkpoint-<step>/`` folders
-written by the Trainer, each marked complete by ``kubetune-complete.json`` once fully written. ``resume: auto`` takes
-the newest complete one; a checkpoint cut off while being written has no marker and is removed, never loaded.
+written by the Trainer. Once the Trainer has written one, every file in it is fsynced and ``kubetune-complete.json``
+is written last, atomically, listing each file's size and sha256. ``resume: auto`` takes the newest checkpoint whose
+marker and files check out: a checkpoint cut off while being written (no marker), or damaged afterwards (a file
+missing, truncated or changed), is removed and never loaded; an older intact one is used instead. The folder records
+the run's fingerprint (``kubetune-run.json``) and refuses checkpoints of another run. One process trains into a
+checkpoint folder at a time (an ``flock`` next to it, released when the process dies, even by ``kill -9``).
+
+Resuming restores the adapter, optimizer, scheduler, RNG states and the position in the data, so a run that was
+interrupted and resumed ends with the same adapter as one that was not (bit-identical on the same machine and
+thread count). ``training_summary.json`` then records ``resumed_from_step``, the whole loss curve and the tokens
+seen over all the runs.
 
 Preemption: SIGTERM (or Ctrl-C) asks the Trainer to save at the end of the current step and stop; the stage then
-raises :class:`kubetune.errors.Preempted` (exit code 3). If the step cannot finish within ``train.preempt_grace_s``
-the process exits 3 at once and the newest periodic checkpoint is the resume point.
+raises :class:`kubetune.errors.Preempted` (exit code 3, "preempted at step N"). A signal that comes while the
+model is still loading stops before training (nothing to save: the resume point is unchanged). If the step and
+the save cannot finish within ``train.preempt_grace_s`` the process exits 3 at once and the newest periodic
+checkpoint is the resume point. A second signal exits at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -61,9 +73,24 @@ _RUNTIME_ONLY = {
 
 @dataclass
 class TokenCounter:
-    """Real (non-padding) tokens handed to the model, counted by the collator."""
+    """Real (non-padding) tokens the model trained on.
+
+    The collator records each batch's count in ``pending`` as it builds it; the trainer moves one batch's count to
+    ``tokens`` as it trains on it (:meth:`consume`). Counting at collation alone would be wrong twice over: the data
+    loader builds one batch ahead, and a batch built before a preemption is built again after the resume.
+    """
 
     tokens: int = 0
+    collated: int = 0
+    pending: collections.deque = field(default_factory=collections.deque)
+
+    def add_batch(self, real_tokens: int) -> None:
+        self.collated += real_tokens
+        self.pending.append(real_tokens)
+
+    def consume(self) -> None:
+        if self.pending:
+            self.tokens += self.pending.popleft()
 
 
 @dataclass
@@ -102,7 +129,7 @@ class PackedRowsCollator:
                 start += sl
             if length < width:
                 position_ids[i, length:] = torch.arange(width - length)
-        self.counter.tokens += real
+        self.counter.add_batch(real)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
@@ -117,30 +144,93 @@ def _step_of(path: Path) -> int:
         return -1
 
 
+def _read_marker(ckpt: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((ckpt / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def mark_complete(ckpt: Path, *, step: int, run_fp: str, tokens_seen: int) -> None:
+    """Seal a checkpoint the Trainer has finished writing: fsync its files, then write the marker atomically.
+
+    The marker lists every file with its size and sha256, so that a checkpoint damaged after it was sealed (a
+    truncated copy, a half-finished rotation) is caught by :func:`checkpoint_problem` before it is loaded.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(ckpt.rglob("*")):
+        if not p.is_file() or p.name in (COMPLETE_MARKER, COMPLETE_MARKER + ".part"):
+            continue
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "sha256": artifacts.file_digest(p)}
+    marker = {"step": step, "fingerprint": run_fp, "tokens_seen": tokens_seen, "files": files}
+    artifacts.write_json_atomic(ckpt / COMPLETE_MARKER, marker)
+
+
+def checkpoint_problem(ckpt: Path, run_fp: str | None = None) -> str | None:
+    """Why ``ckpt`` must not be loaded (None: it is complete and intact, and belongs to run ``run_fp`` if given)."""
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        return f"no {COMPLETE_MARKER} (cut off while being written, or not written by kubetune)"
+    marker = _read_marker(ckpt)
+    if marker is None:
+        return f"{COMPLETE_MARKER} is unreadable"
+    if _step_of(ckpt) >= 0 and marker.get("step") != _step_of(ckpt):
+        return f"{COMPLETE_MARKER} is for step {marker.get('step')}, not {_step_of(ckpt)}"
+    if run_fp is not None and marker.get("fingerprint") != run_fp:
+        return "it belongs to another run (other data or settings)"
+    files = marker.get("files")
+    if not isinstance(files, dict) or "trainer_state.json" not in files:
+        return f"{COMPLETE_MARKER} lists no files"
+    for rel, meta in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta.get("bytes"):
+            return f"{rel} has {p.stat().st_size} bytes, {meta.get('bytes')} were written"
+        if artifacts.file_digest(p) != meta.get("sha256"):
+            return f"{rel} changed after it was written (sha256 mismatch)"
+    return None
+
+
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints that carry a readable completion marker, oldest first (their files are checked at resume)."""
     if not ckpt_dir.is_dir():
         return []
     found = [
         p
         for p in ckpt_dir.glob("checkpoint-*")
-        if p.is_dir() and (p / COMPLETE_MARKER).is_file() and (p / "trainer_state.json").is_file() and _step_of(p) >= 0
+        if p.is_dir() and _step_of(p) >= 0 and _read_marker(p) is not None and (p / "trainer_state.json").is_file()
     ]
     return sorted(found, key=_step_of)
 
 
 def remove_incomplete_checkpoints(ckpt_dir: Path) -> list[str]:
+    """Remove checkpoint folders without a readable completion marker (a writer was killed mid-save)."""
     removed = []
     for p in ckpt_dir.glob("checkpoint-*"):
-        if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
+        if p.is_dir() and _read_marker(p) is None:
             log.warning("checkpoint %s is incomplete (cut off while being written); removing it", p)
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
 
 
+def _other_run(ckpt_dir: Path) -> UserError:
+    return UserError(
+        f"{ckpt_dir}: holds checkpoints of a different run (other data or settings); set "
+        "train.checkpoint_dir to a new folder, or train.resume=never to discard them"
+    )
+
+
 def choose_resume(cfg: Config, ckpt_dir: Path, run_fp: str) -> Path | None:
-    """Which checkpoint to resume from (None: start fresh), after checking the checkpoints belong to this run."""
+    """Which checkpoint to resume from (None: start fresh), after checking the checkpoints belong to this run.
+
+    ``auto``: the newest complete, intact checkpoint; incomplete and damaged ones are removed (never loaded).
+    ``never``: every checkpoint in the folder is removed. A path: that checkpoint, which must be complete, intact
+    and of this run.
+    """
     mode = cfg.train.resume
     if mode not in ("auto", "never"):
         p = Path(mode).expanduser()
@@ -149,25 +239,41 @@ def choose_resume(cfg: Config, ckpt_dir: Path, run_fp: str) -> Path | None:
                 f"config key `train.resume`: {p} is not a checkpoint folder (no trainer_state.json); "
                 "use `auto`, `never` or a checkpoint-<step> folder"
             )
+        problem = checkpoint_problem(p, run_fp)
+        if problem:
+            raise UserError(
+                f"config key `train.resume`: {p} cannot be resumed from: {problem}; use `auto`, `never` or a "
+                "complete checkpoint-<step> folder of this run"
+            )
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         return p
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker = ckpt_dir / FINGERPRINT_FILE
-    owner = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-    existing = list(ckpt_dir.glob("checkpoint-*"))
-    if mode == "never" or (owner is not None and owner != run_fp):
-        if existing and mode == "auto":
-            raise UserError(
-                f"{ckpt_dir}: holds checkpoints of a different run (other data or settings); set "
-                "train.checkpoint_dir to a new folder, or train.resume=never to discard them"
-            )
+    owner_file = ckpt_dir / FINGERPRINT_FILE
+    try:
+        owner = json.loads(owner_file.read_text()).get("fingerprint") if owner_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        owner = None  # unreadable: the markers in each checkpoint still say whose it is
+    existing = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()]
+    if mode == "auto":
+        foreign = (owner is not None and owner != run_fp) or any(
+            (m := _read_marker(p)) is not None and m.get("fingerprint") != run_fp for p in existing
+        )
+        if foreign and existing:
+            raise _other_run(ckpt_dir)
+    else:
         for p in existing:
             shutil.rmtree(p, ignore_errors=True)
-    marker.write_text(json.dumps({"fingerprint": run_fp}))
+    artifacts.write_json_atomic(owner_file, {"fingerprint": run_fp})
     if mode == "never":
         return None
     remove_incomplete_checkpoints(ckpt_dir)
-    done = complete_checkpoints(ckpt_dir)
-    return done[-1] if done else None
+    for ckpt in reversed(complete_checkpoints(ckpt_dir)):
+        problem = checkpoint_problem(ckpt, run_fp)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s is damaged (%s); removing it and trying an older one", ckpt, problem)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -178,13 +284,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_MAX_WAIT_S = 7 * 24 * 3600.0  # threading's timeouts overflow on huge floats; nobody waits a week to be killed
+
+
 class _Preemption:
-    """SIGTERM/SIGINT -> save at the end of this step and stop; a watchdog exits if that takes too long."""
+    """SIGTERM/SIGINT -> save at the end of this step and stop; a watchdog exits 3 if that takes too long.
+
+    ``settled`` is set when the preemption checkpoint is written or the stage leaves the ``with`` block, whichever
+    comes first; the watchdog stands down then (a stage run in-process must not be killed after it returned).
+    """
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
         self.requested = False
-        self.saved = threading.Event()
+        self.settled = threading.Event()
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
@@ -196,10 +309,11 @@ class _Preemption:
             signal.Signals(signum).name,
             self.grace_s,
         )
-        threading.Thread(target=self._watchdog, daemon=True).start()
+        threading.Thread(target=self._watchdog, name="kubetune-preempt-watchdog", daemon=True).start()
 
     def _watchdog(self):
-        if not self.saved.wait(max(1.0, self.grace_s - 2.0)):
+        # Leave two seconds of the grace for the process to exit before the kubelet's SIGKILL.
+        if not self.settled.wait(min(max(1.0, self.grace_s - 2.0), _MAX_WAIT_S)):
             sys.stderr.write(
                 "kubetune: the current step did not finish within train.preempt_grace_s; exiting, the "
                 "newest periodic checkpoint is the resume point\n"
@@ -214,15 +328,19 @@ class _Preemption:
         return self
 
     def __exit__(self, *exc):
+        self.settled.set()
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old.clear()
 
 
-def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter, summary: dict[str, Any]):
+def _make_callbacks(
+    run_fp: str, preemption: _Preemption, counter: TokenCounter, summary: dict[str, Any], tokens_before: int
+):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """One log line per logging step: step, loss, tokens/s, ETA. Collects the loss curve and throughput."""
+        """One log line per logging step: step, loss, tokens/s, ETA. Seals checkpoints; stops on preemption."""
 
         def __init__(self):
             self.t0 = None
@@ -233,7 +351,6 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
             self.t0 = time.perf_counter()
             self.tokens0 = counter.tokens
             self.step0 = state.global_step
-            summary["resumed_from_step"] = state.global_step or None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
@@ -243,7 +360,6 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
             tokens = counter.tokens - self.tokens0
             tps = tokens / elapsed if elapsed > 0 else 0.0
             left = (state.max_steps - state.global_step) * (elapsed / done) if done else float("nan")
-            summary["loss_curve"].append([state.global_step, float(logs["loss"])])
             eta = f"{left / 60:.1f} min" if math.isfinite(left) else "?"
             log.info(
                 "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %.2f s/step  ETA %s",
@@ -257,12 +373,7 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
             )
 
         def on_train_end(self, args, state, control, **kw):
-            elapsed = time.perf_counter() - self.t0
-            summary["train_seconds"] = elapsed
-            summary["tokens_this_run"] = counter.tokens - self.tokens0
-            summary["steps_this_run"] = state.global_step - self.step0
-            summary["global_step"] = state.global_step
-            summary["max_steps"] = state.max_steps
+            _record_end(summary, state, time.perf_counter() - self.t0, counter.tokens - self.tokens0, self.step0)
 
         def on_step_end(self, args, state, control, **kw):
             if preemption.requested:
@@ -272,15 +383,66 @@ def _make_callbacks(run_fp: str, preemption: _Preemption, counter: TokenCounter,
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                artifacts.write_json(
-                    ckpt / COMPLETE_MARKER,
-                    {"step": state.global_step, "fingerprint": run_fp, "tokens_seen": counter.tokens},
-                )
+                mark_complete(ckpt, step=state.global_step, run_fp=run_fp, tokens_seen=tokens_before + counter.tokens)
                 if preemption.requested:
                     summary["preempted_checkpoint"] = str(ckpt)
-                    preemption.saved.set()
+                    preemption.settled.set()
 
     return [Progress()]
+
+
+def _record_end(summary: dict[str, Any], state, seconds: float, tokens: int, step0: int) -> None:
+    summary["train_seconds"] = seconds
+    summary["tokens_this_run"] = tokens
+    summary["steps_this_run"] = state.global_step - step0
+    summary["global_step"] = state.global_step
+    summary["max_steps"] = state.max_steps
+    # The Trainer restores its log history from the checkpoint, so this is the curve of the whole run, across
+    # preemptions, not only of this process.
+    summary["loss_curve"] = [
+        [int(e["step"]), float(e["loss"])] for e in state.log_history if "loss" in e and "step" in e
+    ]
+
+
+def _finished(ckpt: Path) -> bool:
+    """Whether ``ckpt`` is the last checkpoint of a run that reached its step budget."""
+    state = artifacts.read_json(ckpt / "trainer_state.json")
+    return 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
+
+
+def _load_finished(trainer, ckpt: Path, summary: dict[str, Any]) -> None:
+    """Take the adapter of a finished run from its last checkpoint instead of training.
+
+    transformers (5.24) resumed from the checkpoint of the last step trains one step more than ``max_steps`` when the
+    steps do not end on an epoch boundary, so the process killed while writing the adapter folder must not hand
+    the finished run back to ``trainer.train``.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    result = set_peft_model_state_dict(trainer.model, load_file(str(ckpt / "adapter_model.safetensors")))
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{ckpt}: adapter weights do not fit the model ({result.unexpected_keys[:3]})")
+    state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    trainer.state = state
+    _record_end(summary, state, 0.0, 0, state.global_step)
+    log.info("%s is the last checkpoint of a finished run (step %d): writing its adapter", ckpt.name, state.global_step)
+
+
+def _trainer_class():
+    """SFTTrainer that credits each batch's real tokens to the counter as it trains on it."""
+    from trl import SFTTrainer
+
+    class _Trainer(SFTTrainer):
+        token_counter: TokenCounter | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.token_counter is not None:
+                self.token_counter.consume()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return _Trainer
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -378,7 +540,11 @@ def _apply_ipex(model, precision: str):
 
 
 def train(cfg: Config, packed: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Fine-tune ``cfg.model`` on a packed_dataset; write the adapter folder ``out``. See the module docstring."""
+    """Fine-tune ``cfg.model`` on a packed_dataset; write the adapter folder ``out``. See the module docstring.
+
+    Raises :class:`~kubetune.errors.UserError` for bad input (and for a second writer of ``out`` or of the
+    checkpoint folder), :class:`~kubetune.errors.Preempted` after SIGTERM/SIGINT once the resume point is on disk.
+    """
     packed = Path(packed)
     out = Path(out)
     packed_manifest = artifacts.read_manifest(packed, "pack")
@@ -388,28 +554,101 @@ def train(cfg: Config, packed: str | Path, out: str | Path, *, overwrite: bool =
         "packed": {"path": str(packed), "fingerprint": packed_manifest["fingerprint"]},
         "model": cfg.model.name_or_path,
     }
-    with artifacts.stage_output(
-        out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
-    ) as writer:
+    # The signal handler covers writing the output too: a SIGTERM that comes after the last step lets the adapter
+    # folder be finished (within the grace) instead of killing the process half-way through it.
+    with (
+        _Preemption(cfg.train.preempt_grace_s) as preemption,
+        artifacts.stage_output(
+            out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
+        ) as writer,
+    ):
         if writer.up_to_date:
             return out
-        summary = _train_into(cfg, packed, writer.tmp, ckpt_dir, run_fp)
+        with _checkpoint_dir_lock(ckpt_dir):
+            summary = _train_into(cfg, packed, writer.tmp, ckpt_dir, run_fp, preemption)
         writer.counts.update({k: summary[k] for k in ("global_step", "tokens_seen", "train_tokens_per_second")})
     _log_summary(out, summary)
     return out
 
 
-def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _checkpoint_dir_lock(ckpt_dir: Path):
+    """One trainer per checkpoint folder: two runs whose adapters differ may still share the default one."""
+    try:
+        lock = artifacts.output_lock(ckpt_dir)
+        lock.__enter__()
+    except UserError:
+        holder = artifacts.lock_holder(ckpt_dir)
+        raise UserError(
+            f"config key `train.checkpoint_dir`: {ckpt_dir} is in use by another kubetune run ({holder}); wait "
+            "for it to finish, or set train.checkpoint_dir to another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _resume_point(resume_from: Path | None) -> tuple[int | None, int]:
+    """(step, tokens seen) recorded by the checkpoint we resume from; read now, as rotation may delete it later."""
+    if resume_from is None:
+        return None, 0
+    marker = _read_marker(resume_from) or {}
+    step = marker.get("step")
+    if not isinstance(step, int):
+        step = int(artifacts.read_json(resume_from / "trainer_state.json").get("global_step", 0))
+    return step, int(marker.get("tokens_seen") or 0)
+
+
+def _check_rank(cfg: Config, model_config) -> None:
+    width = getattr(model_config, "hidden_size", None) or getattr(model_config, "d_model", None)
+    if isinstance(width, int) and cfg.lora.r > width:
+        raise UserError(
+            f"config key `lora.r`: {cfg.lora.r} exceeds the model's hidden size {width}; a rank above the layer "
+            "width adds parameters but no capacity (typical ranks: 8-64)"
+        )
+
+
+def _check_target_modules(cfg: Config, model) -> None:
+    """Every module named in ``lora.target_modules`` exists (PEFT matches a name against the end of a module's path;
+    a name that matches nothing would only fail deep inside PEFT, or be silently ignored beside one that does)."""
+    targets = cfg.lora.target_modules
+    if isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"config key `lora.target_modules`: {', '.join(missing)} not found in {cfg.model.name_or_path}; its "
+            f"linear layers are {', '.join(linear[:20]) or 'none'} (or use `all-linear`)"
+        )
+
+
+def _train_into(
+    cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: str, preemption: _Preemption
+) -> dict[str, Any]:
     import datasets
     import torch
     from transformers import AutoConfig, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     hw = hardware.detect()
     train_rows = datasets.load_from_disk(str(packed / "train"))
     if len(train_rows) == 0:
         raise UserError(f"{packed}/train: no packed rows; the prepared data produced no trainable examples")
     row_len = max(len(r) for r in train_rows["input_ids"][:1000])
+    resume_from = choose_resume(cfg, ckpt_dir, run_fp)
+    resumed_step, tokens_before = _resume_point(resume_from)
+
+    def stop_if_preempted() -> None:
+        # Nothing was trained in this process yet: the resume point on disk is unchanged.
+        if preemption.requested:
+            raise Preempted(resumed_step or 0, str(resume_from) if resume_from else None)
+
+    stop_if_preempted()
     resolved = models.resolve(cfg.model)
     try:
         model_config = AutoConfig.from_pretrained(
@@ -420,6 +659,7 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
             f"model {resolved.source!r}: cannot read its config ({str(err).splitlines()[0][:160]}); "
             "check model.name_or_path"
         ) from None
+    _check_rank(cfg, model_config)
     settings = _settings(cfg, hw, model_config, row_len)
     precision = settings["precision"].value
     torch.set_num_threads(settings["threads"].value)
@@ -444,14 +684,13 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ac)
     model.config.use_cache = False  # packed rows stay isolated only without the KV cache (STACK.md)
+    _check_target_modules(cfg, model)
     if cfg.train.ipex:
         model = _apply_ipex(model, precision)
 
-    resume_from = choose_resume(cfg, ckpt_dir, run_fp)
     counter = TokenCounter()
     collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, counter=counter)
-    summary: dict[str, Any] = {"loss_curve": [], "method": cfg.method, "resumed_from_step": None}
-    preemption = _Preemption(cfg.train.preempt_grace_s)
+    summary: dict[str, Any] = {"loss_curve": [], "method": cfg.method, "resumed_from_step": resumed_step}
     on_cuda = hw.device == "cuda"
     args = SFTConfig(
         output_dir=str(ckpt_dir),
@@ -485,15 +724,16 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
         packing=False,
         max_length=None,
     )
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_rows,
         data_collator=collator,
         processing_class=tokenizer,
         peft_config=_peft_config(cfg),
-        callbacks=_make_callbacks(run_fp, preemption, counter, summary),
+        callbacks=_make_callbacks(run_fp, preemption, counter, summary, tokens_before),
     )
+    trainer.token_counter = counter
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback logs one readable line per step instead
@@ -505,19 +745,19 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
         f"{total:,}",
         100 * trainable / max(total, 1),
         ckpt_dir,
-        f"; resuming from {resume_from.name}" if resume_from else "",
+        f"; resuming from {resume_from.name} (step {resumed_step})" if resume_from else "",
     )
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    with preemption:
+    stop_if_preempted()
+    if resume_from is not None and _finished(resume_from):
+        _load_finished(trainer, resume_from, summary)
+    else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if preemption.requested:
+    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(trainer.state.global_step, summary.get("preempted_checkpoint"))
+    # (A signal after the last step: the work is done, so the output is finished within the grace.)
 
-    # Tokens seen over the whole run, across resumes: the checkpoint we resumed from recorded its count.
-    tokens_before = 0
-    if resume_from is not None and (resume_from / COMPLETE_MARKER).is_file():
-        tokens_before = int(json.loads((resume_from / COMPLETE_MARKER).read_text()).get("tokens_seen", 0))
     trainer.model.save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
     artifacts.write_json(dest / "base_model.json", models.base_reference(resolved, cfg.model))
@@ -539,7 +779,8 @@ def _train_into(cfg: Config, packed: Path, dest: Path, ckpt_dir: Path, run_fp: s
         }
     )
     if cfg.train.merge:
-        summary["merged"] = str(_merge(cfg, resolved, dest, precision, hw.device))
+        # Relative to the adapter folder: ``dest`` is the temporary folder that is renamed into place.
+        summary["merged"] = _merge(cfg, resolved, dest, precision, hw.device).relative_to(dest).as_posix()
     artifacts.write_json(dest / "training_summary.json", summary)
     return summary
 

@@ -113,9 +113,7 @@ def test_system_prompt_prepended_only_without_a_system_message():
 
 def test_canonical_is_stable_and_content_sensitive():
     one = [u("q"), a("r")]
-    assert canonical(one) == canonical(
-        [{"content": "q", "role": "user"}, {"content": "r", "role": "assistant"}]
-    )
+    assert canonical(one) == canonical([{"content": "q", "role": "user"}, {"content": "r", "role": "assistant"}])
     assert canonical(one) != canonical([u("q"), a("r ")])
     assert json.loads(canonical(one)) == one
 

@@ -132,9 +132,7 @@ def test_undetectable_format_names_file_line_and_fields(tmp_path):
 
 
 def test_system_prompt_is_added_where_missing(tmp_path):
-    src = write_jsonl(
-        tmp_path / "m.jsonl", [{"messages": [u("q"), a("r")]}, {"messages": [s("own"), u("q"), a("r")]}]
-    )
+    src = write_jsonl(tmp_path / "m.jsonl", [{"messages": [u("q"), a("r")]}, {"messages": [s("own"), u("q"), a("r")]}])
     out = run(src, tmp_path / "out", eval_size=0, system_prompt="Be exact.")
     assert [r["messages"][0] for r in records(out)] == [s("Be exact."), s("own")]
     assert report(out)["train"]["with_system_message"] == 2
@@ -208,9 +206,7 @@ def test_csv_list_columns_bad_bytes_and_field_counts(tmp_path):
 def test_json_wrapper_object_is_refused_not_guessed(tmp_path):
     src = tmp_path / "d.json"
     src.write_text(json.dumps({"data": [qa(1)], "version": 2}), encoding="utf-8")
-    with pytest.raises(
-        UserError, match=r"d\.json: the top level is an object \(keys 'data', 'version'\), expected"
-    ):
+    with pytest.raises(UserError, match=r"d\.json: the top level is an object \(keys 'data', 'version'\), expected"):
         run(src, tmp_path / "out")
 
 
@@ -333,12 +329,8 @@ def test_hub_errors(tmp_path, monkeypatch, exc, match):
     from datasets.exceptions import DatasetNotFoundError
 
     errors = {
-        "not_found": DatasetNotFoundError(
-            "Dataset 'GAIR/lima' doesn't exist on the Hub or cannot be accessed."
-        ),
-        "gated": DatasetNotFoundError(
-            "Dataset 'GAIR/lima' is a gated dataset on the Hub. You must be authenticated."
-        ),
+        "not_found": DatasetNotFoundError("Dataset 'GAIR/lima' doesn't exist on the Hub or cannot be accessed."),
+        "gated": DatasetNotFoundError("Dataset 'GAIR/lima' is a gated dataset on the Hub. You must be authenticated."),
         "offline": ConnectionError("Couldn't reach 'GAIR/lima' on the Hub (LocalEntryNotFoundError)"),
         "split": ValueError("Unknown split \"tran\". Should be one of ['train']."),
     }
@@ -411,9 +403,7 @@ def test_conversation_errors(tmp_path, rows, reason):
 
 def test_error_lists_first_three_and_total(tmp_path):
     src = tmp_path / "x.jsonl"
-    lines = [json.dumps(qa(0)), json.dumps({"question": "q"}), "{oops"] + [
-        json.dumps(qa(i)) for i in range(1, 4)
-    ]
+    lines = [json.dumps(qa(0)), json.dumps({"question": "q"}), "{oops"] + [json.dumps(qa(i)) for i in range(1, 4)]
     lines += ["[]", "7", json.dumps({"question": "q", "answer": ""})]
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(UserError) as info:
@@ -428,8 +418,7 @@ def test_error_lists_first_three_and_total(tmp_path):
 def test_skip_policy_records_every_dropped_row(tmp_path):
     src = tmp_path / "x.jsonl"
     src.write_text(
-        "\n".join([json.dumps(qa(1)), json.dumps({"question": "q"}), "", "{oops", json.dumps(qa(2)), "5"])
-        + "\n",
+        "\n".join([json.dumps(qa(1)), json.dumps({"question": "q"}), "", "{oops", json.dumps(qa(2)), "5"]) + "\n",
         encoding="utf-8",
     )
     out = run(src, tmp_path / "out", on_bad_rows="skip", eval_size=0)
@@ -476,9 +465,7 @@ def test_empty_file_and_no_usable_rows(tmp_path):
     with pytest.raises(UserError, match=r"empty\.jsonl: no rows \(the file is empty\)"):
         run(empty, tmp_path / "out")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": ""}, {"question": "q2"}])
-    with pytest.raises(
-        UserError, match=r"bad\.jsonl: no usable rows \(2 read, 2 bad \(line 1: field `answer` is"
-    ):
+    with pytest.raises(UserError, match=r"bad\.jsonl: no usable rows \(2 read, 2 bad \(line 1: field `answer` is"):
         run(bad, tmp_path / "out", on_bad_rows="skip")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.glob("out.tmp-*")) == []
@@ -487,9 +474,7 @@ def test_empty_file_and_no_usable_rows(tmp_path):
 def test_messages_reasons_in_markdown_escape_table_pipes(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", [qa(1), {"question": "q", "answer": ["a|b"]}])
     out = run(src, tmp_path / "out", on_bad_rows="skip", eval_size=0)
-    row = next(
-        line for line in (out / "data_report.md").read_text().splitlines() if line.startswith("| wrong type")
-    )
+    row = next(line for line in (out / "data_report.md").read_text().splitlines() if line.startswith("| wrong type"))
     assert row.count(" | ") == 2 and "a\\|b" in row
 
 
@@ -593,9 +578,11 @@ def test_split_does_not_depend_on_python_hash_seed(tmp_path):
 
 def test_tiny_inputs_keep_a_train_row(tmp_path):
     one = write_jsonl(tmp_path / "one.jsonl", [qa(1)])
-    out = run(one, tmp_path / "o1", eval_size=0.5)
+    with pytest.raises(UserError, match=r"one.jsonl: only 1 usable row.*data.eval_size=0"):
+        run(one, tmp_path / "o1", eval_size=0.5)  # no held-out row possible: refused before any training
+    assert not (tmp_path / "o1").exists()
+    out = run(one, tmp_path / "o1", eval_size=0)
     assert len(records(out)) == 1 and records(out, "eval.jsonl") == []
-    assert report(out)["notes"]
     two = write_jsonl(tmp_path / "two.jsonl", [qa(1), qa(2)])
     out2 = run(two, tmp_path / "o2", eval_size=0.01)
     assert len(records(out2)) == 1 and len(records(out2, "eval.jsonl")) == 1

@@ -43,8 +43,7 @@ texts = st.sampled_from(["", " ", "hi", "answer", "q?", "\n"]) | st.text(max_siz
 json_values = st.recursive(
     scalars,
     lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=4)
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=4)
     ),
     max_leaves=12,
 )
@@ -65,9 +64,7 @@ rows = st.one_of(
     st.fixed_dictionaries({"messages": messages | json_values}, optional={"system": texts}),
     json_values,
 )
-words = st.sampled_from(["hi", "answer", "What is 2+2?", "4", "a longer reply."]) | st.text(
-    min_size=1, max_size=8
-)
+words = st.sampled_from(["hi", "answer", "What is 2+2?", "4", "a longer reply."]) | st.text(min_size=1, max_size=8)
 good_rows = st.one_of(
     st.fixed_dictionaries({"question": words, "answer": words}),
     st.fixed_dictionaries({"instruction": words, "output": words}, optional={"input": words}),
@@ -77,9 +74,7 @@ good_rows = st.one_of(
     st.lists(st.tuples(words, words), min_size=1, max_size=2).map(
         lambda pairs: {
             "messages": [
-                {"role": r, "content": t}
-                for pair in pairs
-                for r, t in zip(("user", "assistant"), pair, strict=True)
+                {"role": r, "content": t} for pair in pairs for r, t in zip(("user", "assistant"), pair, strict=True)
             ]
         }
     ),
@@ -97,7 +92,7 @@ lines = st.one_of(
 
 WHERE = re.compile(r"line (\d+)")
 # The only rejections that name no row: they are about the file as a whole.
-WHOLE_FILE = ("no rows (the file is empty)",)
+WHOLE_FILE = ("no rows (the file is empty)", "a train/eval split needs at least 2 distinct rows")
 
 
 def write(folder: Path, content: list[bytes]) -> Path:
