@@ -154,6 +154,14 @@ class TrainConfig:
     max_steps: int = _f(-1, "Optimizer steps; -1 trains for `epochs`.", minimum=-1)
     epochs: float = _f(1.0, "Epochs over the packed rows when `max_steps` is -1.", minimum=0.0, exclusive_min=True)
     batch_size: int = _f(4, "Packed rows per device per step.", minimum=1, maximum=1 << 20)
+    micro_batch_size: int = _f(
+        0,
+        "Rows per forward/backward pass; `batch_size` must be a multiple. 0 picks: 1 on CPU (a packed row is a full "
+        "matmul workload already, and activations stay a quarter the size), the whole batch on GPU. The optimizer "
+        "still steps once per `batch_size` x `grad_accum` rows, with the same token-weighted loss.",
+        minimum=0,
+        maximum=1 << 20,
+    )
     grad_accum: int = _f(1, "Gradient accumulation steps.", minimum=1, maximum=1 << 20)
     learning_rate: float = _f(1e-4, "Peak learning rate.", minimum=0.0, exclusive_min=True, maximum=1.0)
     lr_scheduler: str = _f(
@@ -387,6 +395,11 @@ def _validate(cfg: Config) -> None:
         )
     if isinstance(lora.target_modules, list) and not lora.target_modules:
         raise ConfigError("config key `lora.target_modules`: the list is empty; name at least one module")
+    if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"config key `train.micro_batch_size`: {cfg.train.micro_batch_size} does not divide "
+            f"`train.batch_size` {cfg.train.batch_size}; use a divisor, or 0 to choose automatically"
+        )
     if cfg.data.eval_size >= 1 and not float(cfg.data.eval_size).is_integer():
         raise ConfigError(
             f"config key `data.eval_size`: {cfg.data.eval_size} is neither a fraction in (0, 1) nor a whole row count"

@@ -470,6 +470,7 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
     if cfg.method == "qlora" and hw.device == "cpu" and precision.value == "fp16":
         raise UserError("config key `train.precision`: fp16 training needs a GPU; use fp32 or bf16 on CPU")
     threads = hardware.choose_threads(hw, cfg.train.threads)
+    micro = choose_micro_batch(cfg, hw)
     bytes_per = 4 if precision.value == "fp32" else 2
     n_params = getattr(model_config, "num_parameters", None)
     h = getattr(model_config, "hidden_size", 1024)
@@ -480,16 +481,30 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
     ac = hardware.choose_activation_checkpointing(
         hw,
         cfg.train.activation_checkpointing,
-        activation_bytes=_activation_bytes(model_config, cfg.train.batch_size, row_len, bytes_per),
+        activation_bytes=_activation_bytes(model_config, micro.value, row_len, bytes_per),
         weight_bytes=weight_bytes,
     )
     optim, why = _optim(cfg, hw.device)
     return {
         "precision": precision,
         "threads": threads,
+        "micro_batch_size": micro,
         "activation_checkpointing": ac,
         "optim": hardware.Decision(optim, why),
     }
+
+
+def choose_micro_batch(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
+    """Rows per forward/backward pass. Gradient accumulation keeps the optimizer step over ``batch_size`` rows."""
+    if cfg.train.micro_batch_size:
+        return hardware.Decision(cfg.train.micro_batch_size, "set in config (train.micro_batch_size)")
+    if hw.device == "cpu":
+        return hardware.Decision(
+            1,
+            "CPU: one packed row per pass is already a full matmul workload; activations are 1/batch_size the size "
+            "and gradient accumulation keeps the same optimizer step",
+        )
+    return hardware.Decision(cfg.train.batch_size, "GPU: the whole batch in one pass keeps the device busy")
 
 
 def run_fingerprint(cfg: Config, packed_manifest: dict[str, Any]) -> str:
@@ -696,8 +711,8 @@ def _train_into(
         output_dir=str(ckpt_dir),
         max_steps=cfg.train.max_steps,
         num_train_epochs=cfg.train.epochs,
-        per_device_train_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
+        per_device_train_batch_size=settings["micro_batch_size"].value,
+        gradient_accumulation_steps=cfg.train.grad_accum * (cfg.train.batch_size // settings["micro_batch_size"].value),
         learning_rate=cfg.train.learning_rate,
         lr_scheduler_type=cfg.train.lr_scheduler,
         warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
