@@ -225,7 +225,7 @@ def test_training_summary_records_the_run(workspace, tmp_path):
     assert s["tokens_seen"] == sum(len(r) for r in rows["input_ids"])
     assert [step for step, _ in s["loss_curve"]] == list(range(1, steps + 1))
     assert s["final_loss"] == s["loss_curve"][-1][1]
-    assert set(s["settings"]) == {"precision", "threads", "activation_checkpointing", "optim"}
+    assert set(s["settings"]) == {"precision", "threads", "micro_batch_size", "activation_checkpointing", "optim"}
     assert s["settings"]["threads"] == {"value": 1, "reason": "set in config (train.threads)"}
     assert s["settings"]["precision"]["value"] in ("fp32", "bf16") and s["settings"]["precision"]["reason"]
     assert s["trainable_parameters"] < s["total_parameters"] and s["peak_rss_bytes"] > 0
