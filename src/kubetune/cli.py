@@ -240,7 +240,7 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else str(v)
 
 
-def run_summary(dirs: dict[str, Path]) -> str:
+def run_summary(dirs: dict[str, Path], config_path: str | None = None) -> str:
     """The closing summary: the eval comparison and where everything is."""
     lines = []
     metrics_path = dirs["evaluate"] / "metrics.json"
@@ -278,7 +278,7 @@ def run_summary(dirs: dict[str, Path]) -> str:
         if r.get("status") == "pending":
             lines.append("MLflow was unreachable: results are kept locally; run `kubetune register` again to send")
         lines.append(
-            f"open it with: kubetune ui --config <this config>   (or mlflow ui --backend-store-uri "
+            f"open it with: kubetune ui --config {config_path or '<this config>'}   (or mlflow ui --backend-store-uri "
             f"{r.get('tracking_uri')})"
         )
     return "\n".join(lines)
@@ -287,7 +287,7 @@ def run_summary(dirs: dict[str, Path]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     dirs = run_all(cfg, overwrite=args.overwrite)
-    _print(run_summary(dirs))
+    _print(run_summary(dirs, args.config))
     return EXIT_OK
 
 
