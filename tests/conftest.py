@@ -12,6 +12,7 @@ import pytest
 # Tests write only to temporary folders: keep datasets' cache out of ~/.cache, and never wait on a hub.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kubetune-test-datasets-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-cache-"))  # GGUF conversions
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
