@@ -54,7 +54,19 @@ def train_run(tmp_path_factory, tiny_model_dir):
         "train_throughput",
         *("--model", str(tiny_model_dir), "--data", str(data), "--max-length", "64", "--batch", "2"),
         *("--warmup", "1", "--steps", "2", "--eval-rows", "4", "--levers", "lora.dropout=0", "--lever-steps", "1"),
-        *("--out", str(out), "--workdir", str(tmp / "work"), "--keep", "--timeout", "300", "--quiet-wait", "0"),
+        *(
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp / "work"),
+            "--keep",
+            "--timeout",
+            "300",
+            "--quiet-wait",
+            "0",
+            "--retries",
+            "0",
+        ),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, read_records(out), tmp / "work"
@@ -64,8 +76,10 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
     proc, records, _ = train_run
     assert records[0]["bench"] == "environment" and records[0]["versions"]["trl"]
     assert all(len(r["load_avg"]) == 3 for r in records)
-    peaks = [r for r in records if r["bench"] == "peak"]
+    peaks = [r for r in records if r["bench"] == "peak" and "fp32_gflops" in r]
     assert len(peaks) == 2 and all(p["fp32_gflops"] > 0 and p["bf16_gflops"] > 0 for p in peaks)
+    shape_peaks = [r for r in records if r["bench"] == "peak" and "shape_fp32_gflops" in r]
+    assert len(shape_peaks) == 2 and all(p["shape_bf16_gflops"] > 0 for p in shape_peaks)
     arms = by_name(records, "train")
     assert set(arms) == {"baseline", "kubetune"}
     base, kt = arms["baseline"], arms["kubetune"]
@@ -81,6 +95,9 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
         assert r["peak_rss_bytes"] > 100 * 2**20
         assert 0 < r["train_peak_rss_gib"] <= r["peak_rss_gib"] + 0.01
         assert r["peak_gflops"] == max(p[f"{r['precision']}_gflops"] for p in peaks)
+        assert r["shape_peak_gflops"] == max(p[f"shape_{r['precision']}_gflops"] for p in shape_peaks)
+        assert r["tokens_per_second_median_step"] > 0 and 0 < r["cpu_util"] <= 1.05
+        assert 0 < r["train_peak_anon_gib"] <= r["train_peak_rss_gib"] + 0.01
         assert r["mfu"] == pytest.approx(
             r["flops_per_token"] * r["tokens_per_second"] / (r["peak_gflops"] * 1e9), abs=1e-3
         )
@@ -148,6 +165,25 @@ def test_mfu_uses_the_best_peak_measured_in_the_invocation():
         ]
     )
     assert peaks == {"fp32": 120.0, "bf16": 400.0}
+
+
+def test_summarise_sums_the_micro_batches_of_each_optimizer_step():
+    raw = {
+        "step_end": [1.0, 2.0, 4.0],
+        "step_cpu": [2.0, 4.0, 8.0],
+        "batch_tokens": [10, 20, 30, 40, 50, 60, 70, 80],  # 2 micro-batches per step; the 7th and 8th prefetched
+        "batch_loss_tokens": [5, 10, 15, 20, 25, 30, 35, 40],
+        "batch_attn_pairs": [],
+        "grad_accum": 2,
+        "precision": "fp32",
+        "threads": 2,
+        "shape": {"body_linear_params": 1, "lm_head_params": 1, "lora_params": 1, "layers": 1, "attn_width": 1},
+    }
+    res = common.WorkerResult(raw, peak_rss_bytes=1, cpu_seconds=1.0, wall_seconds=1.0, log=Path("x.log"))
+    r = train_throughput.summarise("x", "kubetune", res, warmup=1)
+    assert r["tokens"] == 30 + 40 + 50 + 60 and r["seconds"] == 3.0 and r["grad_accum"] == 2
+    # step 2 trained 70 tokens in 1 s, step 3 110 tokens in 2 s
+    assert r["tokens_per_second_median_step"] == pytest.approx((70 + 55) / 2)
 
 
 def test_summarise_refuses_runs_without_counted_steps():
@@ -305,10 +341,12 @@ def test_memory_benchmark_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = by_name(read_records(out), "memory")
     assert set(arms) == set(memory.ARMS)
-    lora, qlora = arms["lora-bf16"], arms["qlora (bf16 rest, no fp32 upcast)"]
+    lora, qlora = arms["lora-bf16"], arms["qlora-bf16-rest"]
     assert qlora["weight_bytes"] < lora["weight_bytes"]  # 4-bit linears
     assert all(r["peak_rss_bytes"] > 0 and r["train_peak_rss_gib"] > 0 for r in arms.values())
-    assert "qlora / lora-bf16" in by_name(read_records(out), "memory-ratio")
+    ratios = by_name(read_records(out), "memory-ratio")
+    assert {"qlora / lora-bf16", "qlora +malloc / lora-bf16 +malloc"} <= set(ratios)
+    assert arms["qlora +malloc"]["env"] == "MALLOC_MMAP_THRESHOLD_=65536" and arms["qlora"]["env"] is None
 
 
 @pytest.mark.slow
@@ -352,3 +390,20 @@ def test_pipeline_overhead_benchmark_quick(tmp_path, stories_dir):
     assert run["overhead_seconds"] == pytest.approx(run["wall_seconds"] - run["stage_seconds"], abs=0.2)
     for task in run["per_task"].values():
         assert 0 < task["stage"] <= task["wall"]
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_path_runs_qlora_on_a_cpu(tmp_path):
+    out = tmp_path / "g.jsonl"
+    proc = run_module(
+        "gpu_qlora",
+        *("--size", "tiny", "--allow-cpu", "--quick", "--rows", "48", "--max-length", "96"),
+        *("--out", str(out), "--quiet-wait", "0"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(out)
+    (model,) = [r for r in records if r["bench"] == "gpu-model"]
+    assert model["parameters"] > 0
+    arms = by_name(records, "train")
+    assert set(arms) == {"baseline", "kubetune"}
+    assert all(r["method"] == "qlora" and r["tokens"] > 0 and math.isfinite(r["eval_loss"]) for r in arms.values())

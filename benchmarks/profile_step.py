@@ -1,0 +1,102 @@
+"""Where one LoRA training step's time goes: the torch profiler over one step of the model the train benchmark uses.
+
+    python -m benchmarks.profile_step [--precision bf16|fp32] [--dropout 0.05] [--lm-head trl|token-chunked]
+
+The step is what SFTTrainer runs for kubetune: TRL's fused LM head (``add_fused_lm_head``, as SFTTrainer adds it),
+PEFT LoRA on ``--target-modules``, fused AdamW, ``--batch`` rows of ``--max-length`` tokens with restarting position
+ids. ``--lm-head token-chunked`` swaps TRL's vocabulary-tiled head for the token-chunked one of
+:class:`benchmarks.train_throughput.TokenChunkedLogProb`. Prints the step time, the profiler's top operators by
+self time, and the share of the step in matmuls, attention, the LM head and element-wise work: the numbers that say
+which lever can still pay and what bounds the step on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import common
+
+GROUPS = {
+    "matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear"),
+    "attention (SDPA)": ("aten::_scaled_dot_product",),
+    "log-softmax": ("aten::_log_softmax",),
+    "dropout (bernoulli)": ("aten::bernoulli",),
+    "dtype copies": ("aten::copy_", "aten::to", "aten::_to_copy"),
+}
+
+
+def main(argv=None) -> int:
+    common.quiet_libraries()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=common.SMOLLM2)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lm-head", choices=("trl", "token-chunked"), default="trl")
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rows", type=int, default=25, help="operators listed")
+    args = p.parse_args(argv)
+
+    import torch
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.train_throughput import TokenChunkedLogProb
+    from kubetune import models
+    from kubetune.config import ModelConfig
+
+    torch.set_num_threads(common.threads_of(args.threads))
+    if args.lm_head == "token-chunked":
+        trl_utils._ChunkedLogProbFunction = TokenChunkedLogProb
+    path = models.resolve(ModelConfig(name_or_path=args.model)).path
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer adds
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    optim = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.max_length), generator=gen)
+    pos = torch.arange(args.max_length).repeat(args.batch, 1)
+
+    def step() -> None:
+        out = model(input_ids=ids, position_ids=pos, labels=ids, fused_lm_head=True)
+        out.loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    step()  # warm-up: kernel selection, allocator
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    tokens = args.batch * args.max_length
+    print(
+        f"\none step: {seconds:.2f} s, {tokens / seconds:.0f} tokens/s ({args.precision}, dropout {args.dropout}, "
+        f"LM head {args.lm_head}, {torch.get_num_threads()} threads, load avg {common.load_avg()})\n"
+    )
+    head = [e for e in events if "ChunkedLogProb" in e.key or "CheckpointFunction" in e.key]
+    shares = {g: sum(e.self_cpu_time_total for e in events if e.key.startswith(prefixes)) / total
+              for g, prefixes in GROUPS.items()}  # fmt: skip
+    for group, share in shares.items():
+        print(f"  {group:<24} {100 * share:5.1f}% of the step's self time")
+    if head:
+        print(f"  {'LM head (inclusive)':<24} {100 * max(e.cpu_time_total for e in head) / total:5.1f}% "
+              "(its own matmuls and element-wise work included)")  # fmt: skip
+    print(f"  {'everything else':<24} {100 * (1 - sum(shares.values())):5.1f}% (element-wise, norms, optimizer)\n")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
