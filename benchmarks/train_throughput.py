@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -450,6 +451,7 @@ def _run_kubetune(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     }
     cfg = from_dict(raw).replace(**spec.get("overrides", {}))
     out = work / f"{spec['name']}-adapter"
+    shutil.rmtree(out, ignore_errors=True)  # a rerun must train again, not find its output up to date
     t0 = time.perf_counter()
     train(cfg, spec["packed"], out, overwrite=True)
     summary = json.loads((out / "training_summary.json").read_text())
@@ -856,8 +858,6 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         records.append(rec.emit(apply_peaks(r, peaks) if "tokens_per_second" in r else r))
     progress(f"train: scratch folder {work}" + ("" if args.keep else " (removed)"))
     if not args.keep and args.workdir is None:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return records
 
