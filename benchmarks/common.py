@@ -150,33 +150,12 @@ def _cuda_name() -> str | None:
 def matmul_peak(
     dtype: str, threads: int, *, device: str = "cpu", size: int = 0, seconds: float = 0.6, repeats: int = 3
 ) -> float:
-    """Best GFLOP/s of a square matmul in ``dtype`` (``fp32``/``bf16``/``fp16``) on ``threads`` threads (or the GPU).
-
-    Best of ``repeats`` windows of ``seconds``: a neighbour's burst lowers single windows, never raises them.
-    """
-    import torch
+    """Best GFLOP/s of a square matmul (2048 on CPU, 8192 on GPU) in ``dtype`` on ``threads`` threads: the peak MFU
+    is measured against; longer windows than the train stage's precision probe, which uses the same function."""
+    from kubetune.hardware import matmul_gflops
 
     size = size or (8192 if device == "cuda" else 2048)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    try:
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        a = torch.randn(size, size, device=device).to(dt)
-        b = torch.randn(size, size, device=device).to(dt)
-        torch.mm(a, b)
-        sync()
-        best = 0.0
-        for _ in range(repeats):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                torch.mm(a, b)
-                n += 1
-                sync()
-            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e9)
-        return float(f"{best:.4g}")
-    finally:
-        torch.set_num_threads(old)
+    return matmul_gflops(dtype, threads, device=device, size=size, seconds=seconds, repeats=repeats)
 
 
 def gemm_rate(

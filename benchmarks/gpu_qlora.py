@@ -178,6 +178,7 @@ def main(argv=None) -> int:
                 "--warmup", str(args.warmup), "--steps", str(args.steps), "--eval-rows", str(args.eval_rows),
                 "--target-modules", args.target_modules, "--levers", "none",
                 "--workdir", str(work / "train"), "--timeout", str(args.timeout),
+                "--quiet-wait", str(args.quiet_wait), "--threads", str(args.threads),
                 *(["--keep"] if args.keep else []), *(["--verbose"] if args.verbose else []),
             ]
         )  # fmt: skip

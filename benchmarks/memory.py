@@ -4,22 +4,31 @@
 
 The model is built from a ``LlamaConfig`` (hidden 2048, 16 layers, intermediate 8192, 32 heads / 8 KV heads,
 vocab 32000, untied head: 1.1B parameters) with random weights, saved once as safetensors in bf16 in the scratch
-folder, and loaded by each arm through :func:`kubetune.models.load_model`, as the train stage loads it:
+folder. The arms:
 
-- ``lora-bf16``: the base in bf16;
-- ``qlora``: NF4 + double quantisation, bf16 compute, the rest of the model in the dtype the train stage loads it
-  in on this machine (fp32 on a CPU), then ``prepare_model_for_kbit_training`` as the train stage calls it;
-- ``qlora-bf16-rest``: the non-quantised parts (embeddings, LM head, norms) loaded in bf16 and
-  left there (``prepare_model_for_kbit_training`` is skipped: it casts them all to fp32);
-- ``lora-bf16 +malloc``, ``qlora +malloc``: the first two with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment
-  (glibc then serves large tensors from mmap and returns them to the kernel when freed).
+- ``lora-bf16``: the base in bf16 through :func:`kubetune.models.load_model`, as the train stage loads it;
+- ``qlora``: exactly what the train stage does for QLoRA at precision bf16 (``train.precision=bf16``, or ``auto`` on
+  a CPU with AMX): :func:`~kubetune.models.load_model` with NF4 + double quantisation, bf16 compute and the
+  non-quantised parts (embeddings, LM head, norms) in bf16, then :func:`kubetune.models.prepare_kbit_model`;
+- ``qlora-fp32``: the same at precision fp32 (``auto`` on a CPU without AMX): the non-quantised parts in fp32;
+- ``qlora-peft``: what the train stage did before ``prepare_kbit_model``, for comparison: ``from_pretrained`` as
+  transformers loads it (the checkpoint memory-mapped), the non-quantised parts in fp32, then peft's
+  ``prepare_model_for_kbit_training``;
+- ``qlora-bf16-rest``: ``from_pretrained`` as transformers loads it, the non-quantised parts in bf16 and left as
+  they are (no preparation): they stay views of the mapped checkpoint, which then stays in RSS;
+- ``lora-bf16 +malloc``, ``qlora +malloc``: ``lora-bf16`` and ``qlora`` with ``MALLOC_MMAP_THRESHOLD_=65536`` in
+  the environment (glibc then serves large tensors from mmap and returns them to the kernel when freed);
+- ``lora-bf16 +jemalloc``, ``qlora +jemalloc`` (only where ``libjemalloc.so.2`` is installed): with jemalloc
+  preloaded and configured as the CPU images run it (``LD_PRELOAD``, ``MALLOC_CONF``).
 
-Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP) and
-runs ``--steps`` AdamW training steps on ``--batch x --seq`` random tokens. Measured: weight bytes (parameters and
-buffers plus bitsandbytes' quantisation state), the process's peak RSS over its whole life (``wait4``), the peak
-while loading, and the peak during the training steps alone (VmHWM reset after loading); and, sampled every 20 ms,
-the peak of the anonymous part of RSS (heap and tensors) apart from the mapped-file part (weights that
-``safetensors`` maps from disk count in RSS while mapped, but they are page cache the kernel can reclaim).
+Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP; in
+bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it) and runs ``--steps`` AdamW
+training steps on ``--batch x --seq`` random tokens (``s/step`` averages the steps after the first, which includes
+one-off allocations, where there are several). Measured: weight bytes (parameters and buffers plus bitsandbytes'
+quantisation state); peak RSS while loading and preparing, during the training steps alone (VmHWM reset after
+loading; ``wait4`` then reports this one), and over the whole life (the larger of the two); and, sampled every 20 ms,
+the peak of the anonymous part of RSS (heap and tensors) apart from the mapped-file part (weights that ``safetensors``
+maps from disk count in RSS while mapped, but they are page cache the kernel can reclaim).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -77,38 +87,68 @@ def _make_model(spec: dict[str, Any]) -> dict[str, Any]:
     return {"parameters": params}
 
 
+def _load(spec: dict[str, Any]):
+    """The model as the arm loads it."""
+    from kubetune import models
+    from kubetune.config import ModelConfig, QuantConfig
+
+    model_cfg = ModelConfig(name_or_path=spec["model_dir"])
+    if spec["method"] == "lora":
+        return models.load_model(model_cfg, dtype="bf16")
+    quant = QuantConfig(bits=4, double_quant=True)
+    if spec["loader"] == "kubetune":
+        return models.load_model(model_cfg, dtype=spec["rest_dtype"], quant=quant)
+    # transformers' own loading: the checkpoint memory-mapped while it is quantised
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"],
+        dtype=models.torch_dtype(spec["rest_dtype"]),
+        quantization_config=models.bnb_config(quant),
+        device_map="cpu",
+    )
+
+
+def _prepare(spec: dict[str, Any], model):
+    if spec["prepare"] == "kubetune":
+        from kubetune import models
+
+        # As the train stage calls it (activation checkpointing off, as on a CPU with memory to spare).
+        return models.prepare_kbit_model(model, precision=spec["rest_dtype"], activation_checkpointing=False)
+    if spec["prepare"] == "peft":
+        from peft import prepare_model_for_kbit_training
+
+        # As the train stage called it before; it casts every non-quantised parameter to fp32.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
 def _train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from kubetune import models
-    from kubetune.config import ModelConfig, QuantConfig
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     rss_imports = common.vm_hwm_bytes()
     whole = common.RssSampler().start()
-    model_cfg = ModelConfig(name_or_path=spec["model_dir"])
     t0 = time.perf_counter()
-    if spec["method"] == "lora":
-        model = models.load_model(model_cfg, dtype="bf16")
-    else:
-        model = models.load_model(model_cfg, dtype=spec["rest_dtype"], quant=QuantConfig(bits=4, double_quant=True))
-    load_seconds = time.perf_counter() - t0
+    model = _load(spec)
     loaded_bytes = weight_bytes(model)
+    model = _prepare(spec, model)
+    load_seconds = time.perf_counter() - t0
     load_hwm = common.vm_hwm_bytes()
-    if spec["method"] == "qlora" and spec.get("kbit_prepare", True):
-        from peft import prepare_model_for_kbit_training
-
-        # As the train stage calls it; note that it casts every non-quantised parameter to fp32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     model = get_peft_model(
         model,
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"),
     )
-    train_bytes = weight_bytes(model)
+    model.train()  # as the Trainer runs it (LoRA dropout on; bitsandbytes keeps its training path)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if spec["method"] == "qlora":
+        # As SFTTrainer does for a quantised base (the train stage's trainer): the adapter in bf16.
+        for p in trainable:
+            p.data = p.data.to(torch.bfloat16)
+    train_bytes = weight_bytes(model)
     hwm_reset = common.reset_vm_hwm()
     during = common.RssSampler().start()
     optim = torch.optim.AdamW(trainable, lr=1e-4)
@@ -154,23 +194,26 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # glibc's malloc raises its mmap threshold after large frees, so later large tensors come from heaps it rarely
 # returns to the kernel; a fixed threshold keeps them on mmap (freed at once). The "+malloc" arms measure that.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-ARMS: dict[str, dict[str, Any]] = {
-    "lora-bf16": {"method": "lora", "rest_dtype": "bf16"},
-    # rest_dtype None: the dtype the train stage loads the non-quantised parts in on this machine
-    "qlora": {"method": "qlora", "rest_dtype": None, "reference": "lora-bf16"},
-    "qlora-bf16-rest": {"method": "qlora", "rest_dtype": "bf16", "kbit_prepare": False, "reference": "lora-bf16"},
-    "lora-bf16 +malloc": {"method": "lora", "rest_dtype": "bf16", "env": MALLOC_ENV},
-    "qlora +malloc": {"method": "qlora", "rest_dtype": None, "env": MALLOC_ENV, "reference": "lora-bf16 +malloc"},
+# jemalloc as images/cpu/Dockerfile runs it
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_ENV = {
+    "LD_PRELOAD": JEMALLOC,
+    "MALLOC_CONF": "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000,muzzy_decay_ms:30000",
 }
-
-
-def _stage_rest_dtype() -> str:
-    """The dtype kubetune's train stage loads a QLoRA model's non-quantised parts in on this machine."""
-    from kubetune import hardware
-
-    hw = hardware.detect()
-    precision = hardware.choose_precision(hw).value
-    return "fp32" if hw.device == "cpu" else precision
+LORA = {"method": "lora", "rest_dtype": "bf16", "loader": "kubetune", "prepare": None}
+QLORA = {"method": "qlora", "rest_dtype": "bf16", "loader": "kubetune", "prepare": "kubetune", "reference": "lora-bf16"}
+ARMS: dict[str, dict[str, Any]] = {
+    "lora-bf16": LORA,
+    "qlora": QLORA,
+    "qlora-fp32": {**QLORA, "rest_dtype": "fp32"},
+    "qlora-peft": {**QLORA, "rest_dtype": "fp32", "loader": "transformers", "prepare": "peft"},
+    "qlora-bf16-rest": {**QLORA, "loader": "transformers", "prepare": None},
+    "lora-bf16 +malloc": {**LORA, "env": MALLOC_ENV},
+    "qlora +malloc": {**QLORA, "env": MALLOC_ENV, "reference": "lora-bf16 +malloc"},
+}
+if Path(JEMALLOC).is_file():
+    ARMS["lora-bf16 +jemalloc"] = {**LORA, "env": JEMALLOC_ENV}
+    ARMS["qlora +jemalloc"] = {**QLORA, "env": JEMALLOC_ENV, "reference": "lora-bf16 +jemalloc"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -230,7 +273,6 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         by_arm: dict[str, dict[str, Any]] = {}
         for arm in arms:
             opts = dict(ARMS[arm])
-            opts["rest_dtype"] = opts["rest_dtype"] or _stage_rest_dtype()
             env = opts.pop("env", {})
             opts.pop("reference", None)
             spec = {
@@ -247,20 +289,24 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "memory", spec, workdir=work, name=_slug(arm), timeout_s=args.timeout, verbose=args.verbose, env=env
             )
             r = res.result
+            # wait4's peak counts from the VmHWM reset after loading, where the kernel allows one: the whole
+            # life's peak is the larger of it and the peak while loading.
+            peak = max(res.peak_rss_bytes, r["load_peak_rss_bytes"] or 0)
             record = {
                 "bench": "memory",
                 "name": arm,
                 "method": opts["method"],
                 "non_quantised_dtype": opts["rest_dtype"],
-                "kbit_prepare": opts.get("kbit_prepare", True) if opts["method"] == "qlora" else None,
-                "env": " ".join(f"{k}={v}" for k, v in env.items()) or None,
+                "loader": "pread" if opts["method"] == "qlora" and opts["loader"] == "kubetune" else "mmap",
+                "kbit_prepare": opts["prepare"],
+                "env": _env_label(env),
                 "parameters": made["parameters"],
                 "trainable_parameters": r["trainable_parameters"],
                 "weight_bytes": r["weight_bytes"],
                 "weight_gib": common.gib(r["weight_bytes"]),
                 "weight_gib_training": common.gib(r["weight_bytes_training"]),
-                "peak_rss_bytes": res.peak_rss_bytes,
-                "peak_rss_gib": common.gib(res.peak_rss_bytes),
+                "peak_rss_bytes": peak,
+                "peak_rss_gib": common.gib(peak),
                 "load_peak_rss_gib": common.gib(r["load_peak_rss_bytes"]),
                 "train_peak_rss_bytes": r["train_peak_rss_bytes"],
                 "train_peak_rss_gib": common.gib(r["train_peak_rss_bytes"]),
@@ -271,7 +317,8 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "train_peak_file_gib": common.gib(r["train_peak_file_bytes"]),
                 "rss_after_imports_gib": common.gib(r["rss_after_imports_bytes"]),
                 "load_seconds": r["load_seconds"],
-                "s_per_step": round(sum(r["step_seconds"]) / max(len(r["step_seconds"]), 1), 1),
+                "s_per_step": _s_per_step(r["step_seconds"]),
+                "step_seconds": r["step_seconds"],
                 "tokens_per_step": args.batch * args.seq,
                 "loss_first_last": [round(r["losses"][0], 3), round(r["losses"][-1], 3)] if r["losses"] else None,
                 "log": str(res.log),
@@ -302,6 +349,18 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
     return records
 
 
+def _s_per_step(seconds: list[float]) -> float | None:
+    """Mean seconds per step, without the first (one-off allocations) where there are more."""
+    timed = seconds[1:] or seconds
+    return round(sum(timed) / len(timed), 2) if timed else None
+
+
+def _env_label(env: dict[str, str]) -> str | None:
+    if env.get("LD_PRELOAD") == JEMALLOC:
+        return "jemalloc (as the CPU images)"
+    return " ".join(f"{k}={v}" for k, v in env.items()) or None
+
+
 def _ratio(a: int | None, b: int | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
@@ -313,7 +372,8 @@ def _slug(name: str) -> str:
 MEMORY_COLUMNS = [
     ("arm", "name"),
     ("rest dtype", "non_quantised_dtype"),
-    ("fp32 upcast", "kbit_prepare"),
+    ("loader", "loader"),
+    ("prepare", "kbit_prepare"),
     ("env", "env"),
     ("params", "parameters"),
     ("weights GiB", "weight_gib"),

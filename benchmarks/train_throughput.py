@@ -30,8 +30,8 @@ the run computes in: the best square-matmul figure measured in this invocation (
 ``mfu_of_shape_peak`` divides by what the machine attains on the model's own layer GEMM shapes instead.
 
 Levers (``--levers``) are kubetune runs with one change each against its automatic settings (and a few
-combinations), shorter (``--lever-warmup``, ``--lever-steps``); the ``lm_head token-chunked`` ones replace TRL's
-CPU LM-head kernel by :class:`TokenChunkedLogProb`, a measurement of a change kubetune.train does not (yet) make.
+combinations), shorter (``--lever-warmup``, ``--lever-steps``). A lever that sets what the automatic settings
+already chose on this machine is skipped.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ from benchmarks.common import BenchError, Recorder, progress
 LEVERS: dict[str, dict[str, Any]] = {
     "precision=bf16": {"overrides": {"train.precision": "bf16"}, "eval": True},
     "precision=fp32": {"overrides": {"train.precision": "fp32"}, "eval": True},
+    "lm_head=trl (TRL's fused head)": {"overrides": {"train.lm_head": "trl"}, "eval": True},
+    "lm_head=chunked": {"overrides": {"train.lm_head": "chunked"}, "eval": True},
+    "precision=fp32 + lm_head=trl": {"overrides": {"train.precision": "fp32", "train.lm_head": "trl"}, "eval": True},
     "activation_checkpointing=on": {"overrides": {"train.activation_checkpointing": "on"}},
     "optim=adamw_torch (foreach)": {"overrides": {"train.optim": "adamw_torch"}},
     "lora.dropout=0": {"overrides": {"lora.dropout": 0.0}, "eval": True},
@@ -60,27 +63,6 @@ LEVERS: dict[str, dict[str, Any]] = {
     "micro_batch_size=4 (whole batch per pass)": {"overrides": {"train.micro_batch_size": 4}},
     "logging_steps=10": {"overrides": {"train.logging_steps": 10}},
     "compile=true": {"overrides": {"train.compile": True}},
-    # Needs a change in kubetune.train (see docs/performance.md): TRL scores every position on CPU; this makes its
-    # fused head project only the positions that carry loss, as it already does on CUDA.
-    "lm_head on loss tokens only": {"overrides": {}, "compact_lm_head": True},
-    "lm_head token-chunked": {"overrides": {}, "token_chunked_lm_head": True, "eval": True},
-    "precision=bf16 + lm_head token-chunked": {
-        "overrides": {"train.precision": "bf16"},
-        "token_chunked_lm_head": True,
-        "eval": True,
-    },
-    "precision=bf16 + lm_head token-chunked + lora.dropout=0": {
-        "overrides": {"train.precision": "bf16", "lora.dropout": 0.0},
-        "token_chunked_lm_head": True,
-        "eval": True,
-    },
-    "precision=bf16 + lora.dropout=0": {
-        "overrides": {"train.precision": "bf16", "lora.dropout": 0.0},
-        "eval": True,
-    },
-    "precision=bf16 + activation_checkpointing=on": {
-        "overrides": {"train.precision": "bf16", "train.activation_checkpointing": "on"},
-    },
     # glibc malloc's dynamic mmap threshold keeps freed activation buffers in its heaps; a fixed one returns them.
     "MALLOC_MMAP_THRESHOLD_=65536": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "65536"}},
     # The baseline recipe with one change, to separate dtype from everything else.
@@ -89,14 +71,14 @@ LEVERS: dict[str, dict[str, Any]] = {
 DEFAULT_LEVERS = [
     "precision=bf16",
     "precision=fp32",
+    "lm_head=trl (TRL's fused head)",
+    "lm_head=chunked",
+    "precision=fp32 + lm_head=trl",
     "activation_checkpointing=on",
     "optim=adamw_torch (foreach)",
     "lora.dropout=0",
     "threads=1",
     "compile=true",
-    "lm_head token-chunked",
-    "precision=bf16 + activation_checkpointing=on",
-    "precision=bf16 + lm_head token-chunked + lora.dropout=0",
     "micro_batch_size=4 (whole batch per pass)",
 ]
 
@@ -189,58 +171,6 @@ def instrument(probe: Probe) -> None:
         probe.trainer = self
 
     trl.SFTTrainer.__init__ = __init__
-
-
-def _compact_lm_head() -> None:
-    """Make TRL's fused LM head score only loss-carrying positions on CPU too (it does so on CUDA/XPU)."""
-    import trl.trainer.utils as trl_utils
-
-    trl_utils._use_triton = lambda device: True  # only the `compact` decision reads this name in trl.trainer.utils
-
-
-class TokenChunkedLogProb:
-    """A stand-in for TRL's ``ChunkedLogProbFunction`` (same ``apply`` signature and outputs) that tiles over tokens
-    instead of the vocabulary: per chunk of tokens one LM-head GEMM in the compute dtype, one fused ``log_softmax``,
-    and a recomputation in backward (``torch.utils.checkpoint``). On CPUs TRL's vocabulary tiles run a dozen
-    element-wise torch ops per tile and accumulate the backward GEMMs in fp32; this measures what a leaner head
-    would save (the ``lm_head token-chunked`` levers; kubetune.train would need it to ship it)."""
-
-    TOKENS = 512
-
-    @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
-        import torch
-        import torch.nn.functional as F
-        from torch.utils.checkpoint import checkpoint
-
-        want_entropy, want_top1 = "entropy" in outputs, "is_top1" in outputs
-
-        def chunk(h, t):
-            z = F.linear(h, weight, bias).float() * (logit_scale / temperature)
-            if softcap:
-                z = torch.tanh(z / softcap) * softcap
-            logp = torch.log_softmax(z, dim=-1)
-            lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-            with torch.no_grad():
-                ent = -(logp.exp() * logp).sum(-1) if want_entropy else None
-                top = (z.argmax(-1) == t) if want_top1 else None
-            return lp, ent, top
-
-        parts = [
-            checkpoint(chunk, hidden[i : i + TokenChunkedLogProb.TOKENS], targets[i : i + TokenChunkedLogProb.TOKENS],
-                       use_reentrant=False)
-            for i in range(0, hidden.shape[0], TokenChunkedLogProb.TOKENS)
-        ]  # fmt: skip
-        lp = torch.cat([p[0] for p in parts])
-        ent = torch.cat([p[1] for p in parts]) if want_entropy else None
-        top = torch.cat([p[2] for p in parts]) if want_top1 else None
-        return lp, ent, None, None, top
-
-
-def _token_chunked_lm_head() -> None:
-    import trl.trainer.utils as trl_utils
-
-    trl_utils._ChunkedLogProbFunction = TokenChunkedLogProb
 
 
 def _model_shape(model) -> dict[str, Any]:
@@ -417,6 +347,7 @@ def _run_baseline(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "activation_checkpointing": bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", 0)),
         "optim": getattr(args.optim, "value", str(args.optim)),
+        "lm_head": "trl",
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
 
@@ -462,6 +393,7 @@ def _run_kubetune(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
         "activation_checkpointing": bool(settings["activation_checkpointing"]),
         "optim": settings["optim"],
         "threads": settings["threads"],
+        "lm_head": settings.get("lm_head", "trl"),
         "settings": summary["settings"],
         "train_tokens_per_second_summary": summary["train_tokens_per_second"],
         "loss_curve": summary["loss_curve"],
@@ -475,10 +407,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     probe = Probe()
     instrument(probe)
-    if spec.get("compact_lm_head"):
-        _compact_lm_head()
-    if spec.get("token_chunked_lm_head"):
-        _token_chunked_lm_head()
     t0 = time.perf_counter()
     result = _run_baseline(spec, probe) if spec["arm"] == "baseline" else _run_kubetune(spec, probe)
     result["run_seconds"] = round(time.perf_counter() - t0, 1)
@@ -554,6 +482,7 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
         "param_dtype": r.get("param_dtype"),
         "activation_checkpointing": r.get("activation_checkpointing"),
         "optim": r.get("optim"),
+        "lm_head": r.get("lm_head"),
         "threads": threads,
         "micro_batch_size": r.get("micro_batch_size"),
         "grad_accum": g,
@@ -562,8 +491,8 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
         "warmup_seconds": round(ends[warmup], 1),
         "tokens": tokens,
         "loss_token_fraction": round(loss_fraction, 3),
-        "seconds": round(seconds, 3),
-        "s_per_step": round(seconds / counted, 3),
+        "seconds": float(f"{seconds:.4g}"),
+        "s_per_step": float(f"{seconds / counted:.4g}"),
         "tokens_per_second": round(tps, 1),
         "tokens_per_second_median_step": round(median_tps, 1),
         "cpu_util": round(cpu_seconds / seconds / threads, 2) if seconds > 0 else None,
@@ -802,7 +731,8 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
     for lever in _lever_names(args.levers):
         opts = LEVERS[lever]
         overrides = opts.get("overrides", {})
-        if overrides.get("train.precision") == auto["precision"] and len(overrides) == 1:
+        chosen = {f"train.{k}": v["value"] for k, v in auto.get("settings", {}).items()}
+        if overrides and all(k in chosen and chosen[k] == v for k, v in overrides.items()):
             progress(f"train: skipping lever {lever!r}: it is already the automatic choice")
             continue
         try:
@@ -813,8 +743,6 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 args.lever_steps,
                 args.eval_rows if opts.get("eval") else 0,
                 overrides=overrides,
-                compact_lm_head=opts.get("compact_lm_head", False),
-                token_chunked_lm_head=opts.get("token_chunked_lm_head", False),
                 env=opts.get("env"),
                 baseline_bf16=opts.get("baseline_bf16", True),
             )
@@ -898,6 +826,7 @@ TRAIN_COLUMNS = [
     ("dtype", "precision"),
     ("act. ckpt", "activation_checkpointing"),
     ("optim", "optim"),
+    ("LM head", "lm_head"),
     ("threads", "threads"),
     ("micro-batch", "micro_batch_size"),
     ("steps", "counted_steps"),

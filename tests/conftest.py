@@ -14,6 +14,9 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kubetune-tes
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-cache-"))  # GGUF conversions
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The train stage's precision probe (CPUs with AVX512-BF16, no AMX) would pick bf16 on some CI machines and fp32 on
+# others; tests pin it to fp32 so that their numbers do not depend on the machine (tests of the probe set their own).
+os.environ.setdefault("KUBETUNE_MATMUL_GFLOPS", "fp32=1,bf16=1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

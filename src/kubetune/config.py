@@ -173,7 +173,8 @@ class TrainConfig:
     seed: int = _f(42, "Seed for initialisation, data order and dropout.")
     precision: str = _f(
         "auto",
-        "`auto` picks from the hardware (AMX/CUDA -> bf16, other CPUs -> fp32).",
+        "`auto` picks from the hardware: CUDA -> bf16 (fp16 without bf16); CPU with AMX -> bf16; CPU with "
+        "AVX512-BF16 but no AMX -> whichever of bf16 and fp32 matmuls a 0.1 s probe finds faster; other CPUs -> fp32.",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     activation_checkpointing: str = _f(
@@ -186,6 +187,14 @@ class TrainConfig:
         choices=("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"),
     )
     compile: bool = _f(False, "torch.compile the model (pays off only on long runs).")
+    lm_head: str = _f(
+        "auto",
+        "How the LM head and loss are computed. `trl`: TRL's fused head (vocabulary tiles; on GPUs a Triton kernel "
+        "that scores only loss-carrying positions). `chunked`: kubetune's token-chunked head that scores only "
+        "loss-carrying positions with one GEMM and one logsumexp per chunk of tokens (faster on CPUs, same "
+        "loss). `auto`: `chunked` on CPU, `trl` on GPU.",
+        choices=("auto", "chunked", "trl"),
+    )
     ipex: bool = _f(False, "Apply intel-extension-for-pytorch (only in the cpu-ipex image, torch 2.8).")
     logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)
     save_steps: int = _f(50, "Checkpoint every N steps (and always at the end).", minimum=1)

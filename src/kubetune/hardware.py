@@ -2,13 +2,14 @@
 
 The decisions (each recorded with its reason in the training summary):
 - precision: CUDA with bf16 -> bf16; CUDA without -> fp16; CPU with AMX (``amx_bf16`` in the CPU flags, e.g. a GKE C3
-  Sapphire Rapids node) -> bf16; any other CPU -> fp32, because without AMX bf16 matmuls run at about half the fp32 rate
-  (measured: 165 vs 320 GFLOP/s on 2 AVX-512 cores).
+  Sapphire Rapids node) -> bf16; CPU with AVX512-BF16 but no AMX -> bf16 only when a short matmul probe finds it at
+  least 1.3x faster than fp32 (it is half the fp32 rate on some such CPUs, 4.3x on others); any other CPU -> fp32.
 - threads: the cores this process may run on (cgroup CPU quota and affinity), not the host's core count: a pod limited
   to 4 CPUs on a 176-core node must not start 176 threads.
 - activation checkpointing: on only when asked, or when the estimated activation memory would not fit.
 
-Tests fake the CPU flags by passing ``cpu_flags=`` or setting ``KUBETUNE_CPU_FLAGS`` (space-separated).
+Tests fake the CPU flags by passing ``cpu_flags=`` or setting ``KUBETUNE_CPU_FLAGS`` (space-separated), and the
+matmul probe by setting ``KUBETUNE_MATMUL_GFLOPS``.
 """
 
 from __future__ import annotations
@@ -108,8 +109,66 @@ class Decision:
     reason: str
 
 
+# bf16 is chosen over fp32 on a CPU without AMX only when its matmuls are at least this much faster.
+BF16_MIN_SPEEDUP = 1.3
+
+
+def matmul_gflops(
+    dtype: str, threads: int, *, device: str = "cpu", size: int = 1024, seconds: float = 0.05, repeats: int = 3
+) -> float:
+    """Best GFLOP/s of a square ``size`` matmul in ``dtype`` (``fp32``/``bf16``/``fp16``) on ``threads`` threads (or
+    the GPU), over ``repeats`` windows of ``seconds``: a neighbour's burst lowers single windows, never raises them."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        a = torch.randn(size, size, device=device).to(dt)
+        b = torch.randn(size, size, device=device).to(dt)
+        torch.mm(a, b)
+        sync()
+        best = 0.0
+        for _ in range(repeats):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                torch.mm(a, b)
+                n += 1
+                sync()
+            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e9)
+        return float(f"{best:.4g}")
+    finally:
+        torch.set_num_threads(old)
+
+
+_RATES: dict[int, dict[str, float]] = {}
+
+
+def cpu_matmul_rates(threads: int) -> dict[str, float]:
+    """fp32 and bf16 matmul GFLOP/s on ``threads`` threads, measured once per process (~0.3 s).
+
+    ``KUBETUNE_MATMUL_GFLOPS="fp32=218,bf16=945"`` replaces the measurement (for tests, or to pin the choice)."""
+    override = os.environ.get("KUBETUNE_MATMUL_GFLOPS")
+    if override:
+        try:
+            rates = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in override.split(","))}
+            return {"fp32": rates["fp32"], "bf16": rates["bf16"]}
+        except (ValueError, KeyError):
+            raise ValueError(f"KUBETUNE_MATMUL_GFLOPS={override!r}: expected 'fp32=<GFLOP/s>,bf16=<GFLOP/s>'") from None
+    if threads not in _RATES:
+        _RATES[threads] = {d: matmul_gflops(d, threads) for d in ("fp32", "bf16")}
+    return _RATES[threads]
+
+
 def choose_precision(hw: Hardware, requested: str = "auto") -> Decision:
-    """fp32 | bf16 | fp16 for training, with the reason."""
+    """fp32 | bf16 | fp16 for training, with the reason.
+
+    CPUs without AMX are not all alike: with AVX512-BF16 bf16 matmuls ran at half the fp32 rate on one machine
+    (Intel, oneDNN's bf16 path against MKL's AVX-512 fp32) and at 4.3x on another (AMD Zen 5, where MKL's fp32 path
+    stops at AVX2). So there the choice is measured, not inferred from the flags."""
     if requested != "auto":
         return Decision(requested, "set in config (train.precision)")
     if hw.device == "cuda":
@@ -118,7 +177,13 @@ def choose_precision(hw: Hardware, requested: str = "auto") -> Decision:
         return Decision("fp16", f"CUDA device {hw.cuda_name} lacks bf16")
     if hw.amx:
         return Decision("bf16", "CPU has AMX (amx_bf16): bf16 matmuls run on the tile units")
-    return Decision("fp32", "CPU has no AMX: bf16 matmuls run at about half the fp32 rate here")
+    if not hw.avx512_bf16:
+        return Decision("fp32", "CPU has neither AMX nor AVX512-BF16: bf16 matmuls would be emulated, slower than fp32")
+    rates = cpu_matmul_rates(hw.cores)
+    measured = f"bf16 {rates['bf16']:g} vs fp32 {rates['fp32']:g} GFLOP/s on {hw.cores} threads"
+    if rates["bf16"] >= BF16_MIN_SPEEDUP * rates["fp32"]:
+        return Decision("bf16", f"CPU has AVX512-BF16, no AMX; bf16 matmuls measured faster ({measured})")
+    return Decision("fp32", f"CPU has AVX512-BF16, no AMX; bf16 matmuls measured no faster ({measured})")
 
 
 def choose_threads(hw: Hardware, requested: int = 0) -> Decision:

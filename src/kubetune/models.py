@@ -2,10 +2,16 @@
 
 A ``.gguf`` file is dequantised and converted once into an HF folder cached under ``model.cache_dir`` (or
 ``$KUBETUNE_CACHE``, else ``~/.cache/kubetune``), keyed by the file's sha256, so later loads take seconds.
+
+QLoRA on a CPU keeps its memory down: the checkpoint is read tensor by tensor rather than memory-mapped while it is
+quantised, and :func:`prepare_kbit_model` readies the quantised model for training without peft's fp32 copy of the
+non-quantised weights when training in bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import secrets
@@ -220,11 +226,151 @@ def load_model(
         load_kwargs["quantization_config"] = bnb_config(quant)
         load_kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
+        model = None
+        if quant is not None and device == "cpu" and resolved.local:
+            model = _load_quantised_unmapped(resolved, model_cfg, load_kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
     except (OSError, ValueError) as err:
         raise _hub_error(resolved, err) from None
     if quant is None and device != "cpu":
         model.to(device)
+    return model
+
+
+def _safetensors_files(folder: Path) -> list[Path] | None:
+    """The checkpoint's safetensors files, chosen as ``from_pretrained`` chooses them (None: not a safetensors
+    checkpoint, or an index that names a missing file)."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    files = sorted({folder / name for name in weight_map.values()})
+    return files if files and all(f.is_file() for f in files) else None
+
+
+def _load_quantised_unmapped(resolved: ResolvedModel, model_cfg: ModelConfig, load_kwargs: dict[str, Any]):
+    """A quantised model loaded from a local safetensors checkpoint whose tensors are read with ``pread(2)``, one
+    at a time, instead of through a memory map; None where that does not apply (the caller loads it as usual).
+
+    ``from_pretrained`` maps the checkpoint, and every page it quantises stays in the process's RSS until the map is
+    closed: the whole bf16 file (2.2 GiB for a 1.1B model) on top of the 4-bit weights being built. Read tensor by
+    tensor, each full-precision weight lives only until it is quantised, and the non-quantised tensors own their
+    memory.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    files = _safetensors_files(Path(resolved.path))
+    if files is None:
+        return None
+    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=model_cfg.trust_remote_code)
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and model_cfg.trust_remote_code
+    if remote or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    from safetensors import safe_open
+
+    kwargs = {k: v for k, v in load_kwargs.items() if k not in ("revision", "trust_remote_code", "cache_dir")}
+    if (Path(resolved.path) / "generation_config.json").is_file():  # what from_pretrained(folder) would read
+        from transformers import GenerationConfig
+
+        kwargs.setdefault("generation_config", GenerationConfig.from_pretrained(resolved.path))
+    with contextlib.ExitStack() as stack:
+        state_dict: dict[str, Any] = {}
+        for f in files:
+            try:
+                handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu", backend="pread"))
+            except TypeError:  # a safetensors without the pread backend
+                return None
+            state_dict.update({k: handle.get_slice(k) for k in handle.keys()})  # noqa: SIM118 (not a dict)
+        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    model.name_or_path = resolved.path
+    return model
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]] | None:
+    """Address ranges of this process that map a file (None: no ``/proc/self/maps`` to tell)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, _, end = fields[0].partition("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def is_file_mapped(tensor, ranges: list[tuple[int, int]] | None = None) -> bool:
+    """Whether a CPU tensor's memory lies in a memory-mapped file (a view of a checkpoint loaded by mmap)."""
+    if tensor.device.type != "cpu" or tensor.untyped_storage().nbytes() == 0:
+        return False
+    ranges = _file_mapped_ranges() if ranges is None else ranges
+    if ranges is None:
+        return True  # cannot tell: treat as mapped (a copy is harmless)
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(start <= ptr < end for start, end in ranges)
+
+
+def own_memory(model) -> int:
+    """Copy every parameter and buffer that is a view of a memory-mapped checkpoint into memory of its own, so the
+    map (and the checkpoint pages it keeps in the process's RSS) is released. Returns the bytes copied."""
+    ranges = _file_mapped_ranges()
+    copied = 0
+    for module in model.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for _, t in tensors:
+            if is_file_mapped(t, ranges):
+                t.data = t.data.clone()
+                copied += t.numel() * t.element_size()
+    return copied
+
+
+def _is_quantised_param(param) -> bool:
+    return type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+def prepare_kbit_model(model, *, precision: str, activation_checkpointing: bool):
+    """Ready a bitsandbytes-quantised model for LoRA training, as ``peft.prepare_model_for_kbit_training`` does but
+    without its fp32 copy of the non-quantised parameters where the training dtype does not need it.
+
+    - Every base parameter is frozen (the LoRA adapter, added later, is what trains).
+    - Non-quantised parameters (embeddings, LM head, norms): with ``precision`` (the training dtype) bf16 they keep
+      the dtype they were loaded in (bf16 has fp32's range, and TRL's own QLoRA recipe casts them back to bf16 after
+      peft's upcast); with fp32 or fp16 those in 16 bits are cast to fp32, as peft does (fp16's range is too narrow
+      for the residual stream). Loaded in bf16 (``load_model(dtype="bf16")``), they take half an fp32 copy's bytes.
+    - Tensors that are still views of a memory-mapped checkpoint are copied into memory of their own
+      (:func:`own_memory`), so the file's pages leave the process once loading is over.
+    - ``activation_checkpointing``: as in peft, the embeddings' output is made to require grad (so that checkpointed
+      layers of a frozen base still get gradients) and checkpointing is enabled, with ``use_reentrant=False``.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    upcast = torch_dtype(precision) != torch.bfloat16
+    for param in model.parameters():
+        if upcast and param.dtype in (torch.float16, torch.bfloat16) and not _is_quantised_param(param):
+            param.data = param.data.to(torch.float32)
+    copied = own_memory(model)
+    if copied:
+        log.info("copied %.2f GiB of weights out of the memory-mapped checkpoint", copied / 2**30)
+    if activation_checkpointing:
+        model.enable_input_require_grads()
+        ac_kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
     return model
 
 

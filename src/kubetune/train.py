@@ -1,8 +1,8 @@
 """The train stage: packed_dataset -> adapter, with PEFT LoRA / QLoRA through TRL's SFTTrainer.
 
-SFTTrainer owns the loop (and, since TRL 1.x, computes the LM head and loss only on tokens that carry loss, in
-tiles). This module decides the hardware-aware settings, wires checkpoints, resume and preemption, and writes the
-adapter folder (see docs/architecture.md):
+SFTTrainer owns the loop and computes the loss through a fused LM head; on CPUs this stage swaps in kubetune's
+token-chunked head for the run (``kubetune.lmhead``, ``train.lm_head``). This module decides the hardware-aware
+settings, wires checkpoints, resume and preemption, and writes the adapter folder (see docs/architecture.md):
 
     adapter_model.safetensors  adapter_config.json  tokenizer files  base_model.json
     training_summary.json      config.yaml          merged/ (train.merge)   manifest.json
@@ -491,7 +491,21 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
         "micro_batch_size": micro,
         "activation_checkpointing": ac,
         "optim": hardware.Decision(optim, why),
+        "lm_head": choose_lm_head(cfg, hw),
     }
+
+
+def choose_lm_head(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
+    """TRL's fused LM head, or kubetune's token-chunked one (``kubetune.lmhead``)."""
+    if cfg.train.lm_head != "auto":
+        return hardware.Decision(cfg.train.lm_head, "set in config (train.lm_head)")
+    if hw.device == "cpu":
+        return hardware.Decision(
+            "chunked",
+            "CPU: one GEMM and one logsumexp per chunk of tokens, on loss-carrying positions only; TRL's "
+            "head runs a dozen element-wise ops per vocabulary tile on CPUs",
+        )
+    return hardware.Decision("trl", "GPU: TRL's Triton head scores only loss-carrying positions already")
 
 
 def choose_micro_batch(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
@@ -683,7 +697,7 @@ def _train_into(
 
     tokenizer = AutoTokenizer.from_pretrained(str(packed / "tokenizer"))
     quant = cfg.quant if cfg.method == "qlora" else None
-    load_dtype = precision if quant is None else ("fp32" if hw.device == "cpu" else precision)
+    load_dtype = precision  # QLoRA's non-quantised parts too: prepare_kbit_model keeps bf16 ones in bf16
     t_load = time.perf_counter()
     model = models.load_model(cfg.model, dtype=load_dtype, quant=quant, device=hw.device, resolved=resolved)
     log.info(
@@ -695,9 +709,7 @@ def _train_into(
     )
     ac = bool(settings["activation_checkpointing"].value)
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ac)
+        model = models.prepare_kbit_model(model, precision=precision, activation_checkpointing=ac)
     model.config.use_cache = False  # packed rows stay isolated only without the KV cache (STACK.md)
     _check_target_modules(cfg, model)
     if cfg.train.ipex:
@@ -768,7 +780,11 @@ def _train_into(
     if resume_from is not None and _finished(resume_from):
         _load_finished(trainer, resume_from, summary)
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        from kubetune import lmhead
+
+        head = lmhead.token_chunked_head() if settings["lm_head"].value == "chunked" else contextlib.nullcontext()
+        with head:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(trainer.state.global_step, summary.get("preempted_checkpoint"))
     # (A signal after the last step: the work is done, so the output is finished within the grace.)

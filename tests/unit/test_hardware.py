@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kubetune import hardware
 from kubetune.hardware import Hardware
 
@@ -12,9 +14,49 @@ def test_amx_cpu_chooses_bf16():
     assert d.value == "bf16" and "AMX" in d.reason
 
 
-def test_cpu_without_amx_chooses_fp32():
+def test_cpu_without_amx_or_avx512_bf16_chooses_fp32_without_probing(monkeypatch):
+    monkeypatch.setattr(hardware, "matmul_gflops", lambda *a, **k: pytest.fail("no probe expected"))
+    hw = hardware.detect(cpu_flags={"avx512f", "avx2"}, use_cuda=False)
+    d = hardware.choose_precision(hw)
+    assert d.value == "fp32" and "emulated" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ("fp32=320,bf16=165", "fp32"),  # an Intel VM: bf16 at half the fp32 rate
+        ("fp32=218,bf16=945", "bf16"),  # an AMD Zen 5 VM: bf16 at 4.3x
+        ("fp32=200,bf16=250", "fp32"),  # faster, but not by enough to be worth the lower precision
+    ],
+)
+def test_avx512_bf16_without_amx_follows_the_measured_rates(monkeypatch, rates, expected):
+    monkeypatch.setenv("KUBETUNE_MATMUL_GFLOPS", rates)
     hw = hardware.detect(cpu_flags={"avx512f", "avx512_bf16"}, use_cuda=False)
-    assert hardware.choose_precision(hw).value == "fp32"
+    d = hardware.choose_precision(hw)
+    assert d.value == expected
+    bf16, fp32 = rates.split(",")[1].split("=")[1], rates.split(",")[0].split("=")[1]
+    assert f"bf16 {bf16} vs fp32 {fp32} GFLOP/s" in d.reason
+
+
+def test_the_probe_measures_both_dtypes_once(monkeypatch):
+    monkeypatch.delenv("KUBETUNE_MATMUL_GFLOPS", raising=False)
+    monkeypatch.setattr(hardware, "_RATES", {})
+    calls = []
+    monkeypatch.setattr(hardware, "matmul_gflops", lambda d, t: calls.append((d, t)) or {"fp32": 100, "bf16": 400}[d])
+    hw = Hardware("cpu", frozenset({"avx512_bf16"}), cores=2)
+    assert hardware.choose_precision(hw).value == "bf16"
+    assert hardware.choose_precision(hw).value == "bf16"
+    assert calls == [("fp32", 2), ("bf16", 2)]
+
+
+def test_matmul_gflops_measures_something_real():
+    assert hardware.matmul_gflops("fp32", 1, size=128, seconds=0.01, repeats=1) > 0.1
+
+
+def test_bad_probe_override_names_the_variable(monkeypatch):
+    monkeypatch.setenv("KUBETUNE_MATMUL_GFLOPS", "fast")
+    with pytest.raises(ValueError, match="KUBETUNE_MATMUL_GFLOPS"):
+        hardware.cpu_matmul_rates(2)
 
 
 def test_cpu_flags_env_override(monkeypatch):

@@ -225,7 +225,15 @@ def test_training_summary_records_the_run(workspace, tmp_path):
     assert s["tokens_seen"] == sum(len(r) for r in rows["input_ids"])
     assert [step for step, _ in s["loss_curve"]] == list(range(1, steps + 1))
     assert s["final_loss"] == s["loss_curve"][-1][1]
-    assert set(s["settings"]) == {"precision", "threads", "micro_batch_size", "activation_checkpointing", "optim"}
+    assert set(s["settings"]) == {
+        "precision",
+        "threads",
+        "micro_batch_size",
+        "activation_checkpointing",
+        "optim",
+        "lm_head",
+    }
+    assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
     assert s["settings"]["threads"] == {"value": 1, "reason": "set in config (train.threads)"}
     assert s["settings"]["precision"]["value"] in ("fp32", "bf16") and s["settings"]["precision"]["reason"]
     assert s["trainable_parameters"] < s["total_parameters"] and s["peak_rss_bytes"] > 0
@@ -237,6 +245,29 @@ def test_training_summary_records_the_run(workspace, tmp_path):
     mtime = (out / "manifest.json").stat().st_mtime_ns
     assert train(cfg, workspace["packed"], out) == out
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_token_chunked_head_trains_like_trls_head(workspace, tmp_path):
+    """The CPU LM head changes how the loss is computed, not what is learned: same losses and adapter as TRL's."""
+    got = {}
+    for head in ("trl", "chunked"):
+        cfg = cfg_in(workspace, tmp_path / head, train={"lm_head": head, "max_steps": 3})
+        out = train(cfg, workspace["packed"], tmp_path / head / "adapter")
+        s = summary_of(out)
+        assert s["settings"]["lm_head"] == {"value": head, "reason": "set in config (train.lm_head)"}
+        got[head] = (s["loss_curve"], adapter_tensors(out))
+    (trl_curve, trl_weights), (curve, weights) = got["trl"], got["chunked"]
+    assert [st for st, _ in curve] == [st for st, _ in trl_curve] == [1, 2, 3]
+    for (_, a), (_, b) in zip(curve, trl_curve, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    for name, t in trl_weights.items():
+        torch.testing.assert_close(weights[name], t, rtol=1e-3, atol=1e-5, msg=name)
+    # and the hook is gone once training is over
+    import trl.trainer.utils as trl_utils
+
+    from kubetune.lmhead import TokenChunkedLogProb
+
+    assert trl_utils._ChunkedLogProbFunction is not TokenChunkedLogProb
 
 
 @pytest.mark.parametrize(

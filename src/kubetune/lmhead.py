@@ -1,0 +1,192 @@
+"""A leaner LM head and loss for CPU training.
+
+TRL's SFTTrainer computes the loss through a fused LM head (``add_fused_lm_head``) that never materialises the full
+``[tokens, vocab]`` logits. Its kernel is built for GPUs: with Triton it scores only the positions that carry loss and
+folds each vocabulary tile in one kernel; on a CPU it scores every position and runs a dozen element-wise torch ops per
+``[tokens, 4096]`` vocabulary tile, accumulating the backward matmuls in fp32. Measured on a 2-core CPU
+(``python -m benchmarks.profile_step``, SmolLM2-135M, one 512-token row in bf16): that head was half of the step.
+
+:class:`TokenChunkedLogProb` computes the same outputs tiled over *tokens* instead: per chunk of tokens one LM-head
+GEMM in the compute dtype and one ``logsumexp`` over the whole vocabulary; the probabilities are kept (in the compute
+dtype, up to ``SAVE_PROBS_BYTES``) so that backward is one scaled copy and one gradient GEMM, without recomputing
+the logits. :func:`token_chunked_head` installs it in TRL for the duration of a training run, together with
+TRL's own "score only the loss-carrying positions" path that it otherwise keeps for GPUs. Nothing else changes: TRL
+still builds the loss, the token accuracy and the entropy metrics from its outputs.
+
+Differences from TRL's kernel, both deliberate: the entropy is returned for logging only (no gradient flows through it;
+SFT never differentiates it), and the logits live in fp32 one token chunk at a time (at most ``CHUNK_ELEMENTS``
+floats), not in vocabulary tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Floats of fp32 logits per chunk (64 MiB): 512 tokens of a 32k vocabulary, 130 of Llama 3's 128k.
+CHUNK_ELEMENTS = 1 << 24
+MAX_CHUNK_TOKENS = 512
+# Probabilities kept from forward for backward, at most (bytes): 512 tokens x 49k vocabulary in bf16 is 48 MiB.
+SAVE_PROBS_BYTES = 256 << 20
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk for a vocabulary: as many as fit ``CHUNK_ELEMENTS`` logits, between 16 and 512."""
+    return max(16, min(MAX_CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, vocab)))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _logits(h, weight, bias, compute_dtype, scale: float, softcap: float | None):
+    """fp32 logits of one chunk (and the softcap's tanh, which backward needs)."""
+    z = torch.nn.functional.linear(
+        h.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
+    ).float()
+    if scale != 1.0:
+        z.mul_(scale)
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(z / softcap)
+        z = tanh * softcap
+    return z, tanh
+
+
+class TokenChunkedLogProb(torch.autograd.Function):
+    """Drop-in for TRL's ``ChunkedLogProbFunction``: same ``apply`` arguments, same five outputs
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` (``None`` for fields not in ``outputs``)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,  # [N]
+        temperature: float,
+        chunk_size: int,  # TRL's vocabulary tile; unused (this function tiles tokens)
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = ("log_probs",),
+    ):
+        del chunk_size
+        device = hidden.device
+        autocast = torch.is_autocast_enabled(device.type)
+        compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        scale = logit_scale / temperature
+        n, vocab = hidden.shape[0], weight.shape[0]
+        step = chunk_tokens(vocab)
+        want = {name: name in outputs for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+        logprobs = torch.empty(n, dtype=torch.float32, device=device)
+        log_z = torch.empty(n, dtype=torch.float32, device=device)
+        extra = {name: torch.empty(n, dtype=torch.float32, device=device) for name, on in want.items() if on}
+        if want["is_top1"]:
+            extra["is_top1"] = torch.empty(n, dtype=torch.bool, device=device)
+        # Keeping the probabilities for backward spares it a second LM-head GEMM and the softmax; it costs
+        # tokens x vocab values in the compute dtype, so only within SAVE_PROBS_BYTES (and without a softcap).
+        keep = not final_logit_softcapping and n * vocab * _itemsize(compute_dtype) <= SAVE_PROBS_BYTES
+        probs = torch.empty(n, vocab, dtype=compute_dtype, device=device) if keep else None
+        with torch.no_grad():
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                z, _ = _logits(hidden[s:e], weight, bias, compute_dtype, scale, final_logit_softcapping)
+                lse = torch.logsumexp(z, dim=-1)
+                log_z[s:e] = lse
+                if want["is_top1"]:
+                    extra["is_top1"][s:e] = z.argmax(-1) == targets[s:e]
+                if want["mean_logits"]:
+                    extra["mean_logits"][s:e] = z.mean(-1)
+                logp = z.sub_(lse.unsqueeze(-1))  # the logits are not needed any more: reuse their memory
+                logprobs[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
+                if want["log_sum_sq_probs"]:
+                    extra["log_sum_sq_probs"][s:e] = torch.logsumexp(2 * logp, dim=-1)
+                if keep or want["entropy"]:
+                    p = logp.exp()
+                    if keep:
+                        probs[s:e] = p
+                    if want["entropy"]:
+                        extra["entropy"][s:e] = -(p.mul_(logp)).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, logprobs, probs)
+        ctx.compute_dtype = compute_dtype
+        ctx.scale = scale
+        ctx.softcap = final_logit_softcapping
+        ctx.mark_non_differentiable(*extra.values())
+        ctx.set_materialize_grads(False)
+        return (
+            logprobs,
+            extra.get("entropy"),
+            extra.get("log_sum_sq_probs"),
+            extra.get("mean_logits"),
+            extra.get("is_top1"),
+        )
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, *_):  # type: ignore[override]
+        hidden, weight, bias, targets, log_z, logprobs, probs = ctx.saved_tensors
+        if grad_logprobs is None:
+            return (None,) * 9
+        compute_dtype, scale, softcap = ctx.compute_dtype, ctx.scale, ctx.softcap
+        n, vocab = hidden.shape[0], weight.shape[0]
+        step = chunk_tokens(vocab)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        want_w = ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_b else None
+        w = weight.to(compute_dtype)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            g = grad_logprobs[s:e].float() * scale
+            t = targets[s:e].unsqueeze(-1)
+            # d log p_t / d z_j = [j == t] - p_j
+            if probs is not None:
+                gz = probs[s:e] * (-g).to(compute_dtype).unsqueeze(-1)
+                # the target's entry from the fp32 log-probability, not from the rounded probability
+                gz.scatter_(-1, t, (g * -torch.expm1(logprobs[s:e])).to(compute_dtype).unsqueeze(-1))
+            else:
+                z, tanh = _logits(hidden[s:e], weight, bias, compute_dtype, ctx.scale, softcap)
+                grad_z = z.sub_(log_z[s:e].unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+                grad_z.scatter_add_(-1, t, g.unsqueeze(-1))
+                if tanh is not None:
+                    grad_z.mul_(1 - tanh * tanh)
+                gz = grad_z.to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[s:e] = (gz @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.add_((gz.t() @ hidden[s:e].to(compute_dtype)).float())
+            if grad_bias is not None:
+                grad_bias.add_(gz.float().sum(0))
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            *(None,) * 6,
+        )
+
+
+@contextlib.contextmanager
+def token_chunked_head() -> Iterator[bool]:
+    """Route TRL's fused LM head through :class:`TokenChunkedLogProb`, scoring only loss-carrying positions, while the
+    block runs; yields False (and changes nothing) when this TRL version lacks the two hooks it replaces."""
+    import trl.trainer.utils as trl_utils
+
+    names = ("_ChunkedLogProbFunction", "_use_triton")
+    if not all(hasattr(trl_utils, n) for n in names):
+        log.warning("this TRL version has no LM-head hook (%s): using TRL's own head", ", ".join(names))
+        yield False
+        return
+    saved = {n: getattr(trl_utils, n) for n in names}
+    trl_utils._ChunkedLogProbFunction = TokenChunkedLogProb
+    # In trl.trainer.utils this name only decides whether to score just the loss-carrying positions ("compact").
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield True
+    finally:
+        for n, v in saved.items():
+            setattr(trl_utils, n, v)
