@@ -507,3 +507,44 @@ def table(title: str, columns: list[tuple[str, str]], rows: Iterable[dict[str, A
     out = [f"\n### {title}\n", line(head), "| " + " | ".join("-" * w for w in widths) + " |"]
     out += [line(c) for c in cells]
     return "\n".join(out)
+
+
+def tables(records: Iterable[dict[str, Any]], sections: Sequence[tuple[str, list[tuple[str, str]], str]]) -> str:
+    """One Markdown table per ``(title, columns, bench)`` section, of the records whose ``bench`` field matches
+    (load averages printed as ``1.2 1.3 1.4``); sections without records are left out."""
+    rows = [dict(r) for r in records]
+    for r in rows:
+        if isinstance(r.get("load_avg"), list):
+            r["load_avg"] = " ".join(f"{x:.1f}" for x in r["load_avg"])
+    parts = [table(title, columns, [r for r in rows if r.get("bench") == bench]) for title, columns, bench in sections]
+    return "\n".join(p for p in parts if p)
+
+
+def bench_main(
+    argv: Sequence[str] | None,
+    *,
+    section: str,
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace, Recorder], list[dict[str, Any]]],
+    tables: Callable[[list[dict[str, Any]]], str],
+    run_worker: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    errors: tuple[type[BaseException], ...] = (BenchError,),
+    also_tabulate: Callable[[Recorder], list[dict[str, Any]]] | None = None,
+) -> int:
+    """A benchmark script's command line: a worker run when invoked as one (``--worker``), else parse the arguments,
+    record the environment, run the section, and print its tables; exit status 1 (one line) when it fails."""
+    if run_worker is not None and worker_main(argv, run_worker):
+        return 0
+    quiet_libraries()
+    exit_on_sigterm()
+    args = parse_args(argv)
+    rec = Recorder(out=args.out)
+    rec.emit(environment())
+    try:
+        records = run(args, rec)
+    except errors as err:
+        progress(f"{section}: FAILED: {err}")
+        return 1
+    extra = also_tabulate(rec) if also_tabulate else []
+    print(tables([dict(r) for r in [*records, *extra]]))
+    return 0

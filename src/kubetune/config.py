@@ -156,8 +156,8 @@ class TrainConfig:
     batch_size: int = _f(4, "Packed rows per device per step.", minimum=1, maximum=1 << 20)
     micro_batch_size: int = _f(
         0,
-        "Rows per forward/backward pass; `batch_size` must be a multiple. 0 picks: 1 on CPU (a packed row is a full "
-        "matmul workload already, and activations stay a quarter the size), the whole batch on GPU. The optimizer "
+        "Rows per forward/backward pass; `batch_size` must be a multiple. 0 picks: 1 on CPU (activations stay "
+        "1/batch_size the size, for a small loss of speed in bf16), the whole batch on GPU. The optimizer "
         "still steps once per `batch_size` x `grad_accum` rows, with the same token-weighted loss.",
         minimum=0,
         maximum=1 << 20,
@@ -174,7 +174,8 @@ class TrainConfig:
     precision: str = _f(
         "auto",
         "`auto` picks from the hardware: CUDA -> bf16 (fp16 without bf16); CPU with AMX -> bf16; CPU with "
-        "AVX512-BF16 but no AMX -> whichever of bf16 and fp32 matmuls a 0.1 s probe finds faster; other CPUs -> fp32.",
+        "AVX512-BF16 but no AMX -> bf16 if a 0.3 s matmul probe finds it at least 1.3x faster than fp32, else "
+        "fp32; other CPUs -> fp32.",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     activation_checkpointing: str = _f(

@@ -515,8 +515,9 @@ def choose_micro_batch(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
     if hw.device == "cpu":
         return hardware.Decision(
             1,
-            "CPU: one packed row per pass is already a full matmul workload; activations are 1/batch_size the size "
-            "and gradient accumulation keeps the same optimizer step",
+            "CPU: one packed row per pass keeps activations at 1/batch_size (SmolLM2-135M, 4 x 512 tokens: 2.3 "
+            "instead of 3.3 GiB, for 12% fewer tokens/s in bf16, none in fp32); gradient accumulation keeps the same "
+            "optimizer step",
         )
     return hardware.Decision(cfg.train.batch_size, "GPU: the whole batch in one pass keeps the device busy")
 
@@ -690,6 +691,7 @@ def _train_into(
         ) from None
     _check_rank(cfg, model_config)
     settings = _settings(cfg, hw, model_config, row_len)
+    settings["allocator"] = hardware.apply_allocator_setting(hw)  # before loading: the weights' buffers too
     precision = settings["precision"].value
     torch.set_num_threads(settings["threads"].value)
     for name, d in settings.items():

@@ -94,6 +94,7 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
         assert r["s_per_step"] == pytest.approx(r["seconds"] / 2, rel=0.01)
         assert r["peak_rss_bytes"] > 100 * 2**20
         assert 0 < r["train_peak_rss_gib"] <= r["peak_rss_gib"] + 0.01
+        assert r["train_peak_rss_gib"] <= r["run_peak_rss_gib"]  # the run's peak covers loading and training
         assert r["peak_gflops"] == max(p[f"{r['precision']}_gflops"] for p in peaks)
         assert r["shape_peak_gflops"] == max(p[f"shape_{r['precision']}_gflops"] for p in shape_peaks)
         assert r["tokens_per_second_median_step"] > 0 and 0 < r["cpu_util"] <= 1.05

@@ -88,3 +88,34 @@ def test_activation_checkpointing_only_when_needed():
     big = hardware.choose_activation_checkpointing(hw, "auto", activation_bytes=20 << 30, weight_bytes=1 << 30)
     assert small.value is False and big.value is True and "exceeds" in big.reason
     assert hardware.choose_activation_checkpointing(hw, "on", activation_bytes=0, weight_bytes=0).value is True
+
+
+def test_allocator_setting_on_cpu_with_glibc(monkeypatch):
+    import ctypes
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    if not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("no glibc mallopt here")
+    d = hardware.apply_allocator_setting(Hardware("cpu", cores=2))
+    assert d.value == "mmap threshold 8 MiB" and "MALLOC_MMAP_THRESHOLD_" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("env", "hw", "expected"),
+    [
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, Hardware("cpu"), "environment"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, Hardware("cpu"), "preloaded"),
+        ({}, Hardware("cuda", cuda_name="L4", cuda_bf16=True), "default"),
+    ],
+    ids=["user-threshold", "jemalloc", "gpu"],
+)
+def test_allocator_is_left_alone_where_it_should_be(monkeypatch, env, hw, expected):
+    import ctypes
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
+    assert hardware.apply_allocator_setting(hw).value == expected

@@ -16,8 +16,6 @@ from kubetune.artifacts import fingerprint, read_manifest, stage_output
 from kubetune.errors import UserError
 from kubetune.pack import best_fit_decreasing, num_proc, pack, span_mask
 
-SMOLLM2 = Path("/tmp/ktcache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f")
-
 # SmolLM2-Instruct's template: ChatML without generation markers, and a default system prompt.
 CHATML_NO_MARKERS = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -534,12 +532,11 @@ def test_template_errors_and_missing_inputs_are_user_errors(tmp_path, tiny_model
         pack(cfg, prepared, tmp_path / "p")
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason=f"{SMOLLM2} is absent (converted GGUF cache)")
-def test_real_smollm2_template_masks(tmp_path):
+def test_real_smollm2_template_masks(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
     rows = [conv(MULTI_TURN, 0), conv([("user", "Name a colour."), ("assistant", "Blue.")], 1)]
-    packed = pack(cfg_for(SMOLLM2), make_prepared(tmp_path, rows, rows), tmp_path / "p")
+    packed = pack(cfg_for(smollm2_dir), make_prepared(tmp_path, rows, rows), tmp_path / "p")
     tok = AutoTokenizer.from_pretrained(packed / "tokenizer")
     for row, src in zip(load(packed, "eval"), rows, strict=True):
         assistant = [m["content"] for m in src["messages"] if m["role"] == "assistant"]

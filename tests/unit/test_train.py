@@ -232,8 +232,10 @@ def test_training_summary_records_the_run(workspace, tmp_path):
         "activation_checkpointing",
         "optim",
         "lm_head",
+        "allocator",
     }
     assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
+    assert s["settings"]["allocator"]["value"] in ("mmap threshold 8 MiB", "environment", "preloaded", "default")
     assert s["settings"]["threads"] == {"value": 1, "reason": "set in config (train.threads)"}
     assert s["settings"]["precision"]["value"] in ("fp32", "bf16") and s["settings"]["precision"]["reason"]
     assert s["trainable_parameters"] < s["total_parameters"] and s["peak_rss_bytes"] > 0
