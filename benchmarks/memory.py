@@ -4,7 +4,8 @@
 
 The model is built from a ``LlamaConfig`` (hidden 2048, 16 layers, intermediate 8192, 32 heads / 8 KV heads,
 vocab 32000, untied head: 1.1B parameters) with random weights, saved once as safetensors in bf16 in the scratch
-folder. The arms:
+folder. Every arm allocates as the train stage does on a CPU (``hardware.apply_allocator_setting``: glibc's mmap
+threshold fixed at 8 MiB) unless its name says otherwise. The arms:
 
 - ``lora-bf16``: the base in bf16 through :func:`kubetune.models.load_model`, as the train stage loads it;
 - ``qlora``: exactly what the train stage does for QLoRA at precision bf16 (``train.precision=bf16``, or ``auto`` on
@@ -16,10 +17,13 @@ folder. The arms:
   ``prepare_model_for_kbit_training``;
 - ``qlora-bf16-rest``: ``from_pretrained`` as transformers loads it, the non-quantised parts in bf16 and left as
   they are (no preparation): they stay views of the mapped checkpoint, which then stays in RSS;
+- ``lora-bf16 (glibc default)``, ``qlora (glibc default)``: the first two with glibc's malloc as it comes (its
+  dynamic mmap threshold);
 - ``lora-bf16 +malloc``, ``qlora +malloc``: ``lora-bf16`` and ``qlora`` with ``MALLOC_MMAP_THRESHOLD_=65536`` in
   the environment (glibc then serves large tensors from mmap and returns them to the kernel when freed);
 - ``lora-bf16 +jemalloc``, ``qlora +jemalloc`` (only where ``libjemalloc.so.2`` is installed): with jemalloc
-  preloaded and configured as the CPU images run it (``LD_PRELOAD``, ``MALLOC_CONF``).
+  preloaded and configured as the CPU images ran it before they stopped preloading it (``LD_PRELOAD``,
+  ``MALLOC_CONF``).
 
 Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP; in
 bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it) and runs ``--steps`` AdamW
@@ -127,8 +131,12 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from kubetune import hardware
+
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    # As the train stage does before loading (a fixed glibc mmap threshold on CPU, unless the environment sets one)
+    allocator = hardware.apply_allocator_setting(hardware.detect()).value if spec.get("tune_allocator") else "default"
     rss_imports = common.vm_hwm_bytes()
     whole = common.RssSampler().start()
     t0 = time.perf_counter()
@@ -181,6 +189,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         "load_seconds": round(load_seconds, 1),
         "step_seconds": [round(s, 2) for s in step_seconds],
         "losses": losses,
+        "allocator": allocator,
     }
 
 
@@ -194,17 +203,27 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # glibc's malloc raises its mmap threshold after large frees, so later large tensors come from heaps it rarely
 # returns to the kernel; a fixed threshold keeps them on mmap (freed at once). The "+malloc" arms measure that.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# jemalloc as images/cpu/Dockerfile runs it
+# jemalloc as images/cpu/Dockerfile ran it (it is installed there, no longer preloaded)
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_ENV = {
     "LD_PRELOAD": JEMALLOC,
     "MALLOC_CONF": "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000,muzzy_decay_ms:30000",
 }
-LORA = {"method": "lora", "rest_dtype": "bf16", "loader": "kubetune", "prepare": None}
-QLORA = {"method": "qlora", "rest_dtype": "bf16", "loader": "kubetune", "prepare": "kubetune", "reference": "lora-bf16"}
+# Arms allocate as the train stage does (tune_allocator) unless named "glibc default" or given an allocator env.
+LORA = {"method": "lora", "rest_dtype": "bf16", "loader": "kubetune", "prepare": None, "tune_allocator": True}
+QLORA = {
+    "method": "qlora",
+    "rest_dtype": "bf16",
+    "loader": "kubetune",
+    "prepare": "kubetune",
+    "reference": "lora-bf16",
+    "tune_allocator": True,
+}
 ARMS: dict[str, dict[str, Any]] = {
     "lora-bf16": LORA,
     "qlora": QLORA,
+    "lora-bf16 (glibc default)": {**LORA, "tune_allocator": False},
+    "qlora (glibc default)": {**QLORA, "tune_allocator": False, "reference": "lora-bf16 (glibc default)"},
     "qlora-fp32": {**QLORA, "rest_dtype": "fp32"},
     "qlora-peft": {**QLORA, "rest_dtype": "fp32", "loader": "transformers", "prepare": "peft"},
     "qlora-bf16-rest": {**QLORA, "loader": "transformers", "prepare": None},
@@ -300,6 +319,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "loader": "pread" if opts["method"] == "qlora" and opts["loader"] == "kubetune" else "mmap",
                 "kbit_prepare": opts["prepare"],
                 "env": _env_label(env),
+                "allocator": r.get("allocator"),
                 "parameters": made["parameters"],
                 "trainable_parameters": r["trainable_parameters"],
                 "weight_bytes": r["weight_bytes"],
@@ -375,6 +395,7 @@ MEMORY_COLUMNS = [
     ("loader", "loader"),
     ("prepare", "kbit_prepare"),
     ("env", "env"),
+    ("allocator", "allocator"),
     ("params", "parameters"),
     ("weights GiB", "weight_gib"),
     ("peak RSS GiB", "peak_rss_gib"),

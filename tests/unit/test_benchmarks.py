@@ -348,6 +348,10 @@ def test_memory_benchmark_quick(tmp_path):
     ratios = by_name(read_records(out), "memory-ratio")
     assert {"qlora / lora-bf16", "qlora +malloc / lora-bf16 +malloc"} <= set(ratios)
     assert arms["qlora +malloc"]["env"] == "MALLOC_MMAP_THRESHOLD_=65536" and arms["qlora"]["env"] is None
+    # the arms allocate as the train stage does, except those that say otherwise
+    assert arms["qlora +malloc"]["allocator"] == "environment"
+    assert arms["qlora (glibc default)"]["allocator"] == "default"
+    assert arms["qlora"]["allocator"] in ("mmap threshold 8 MiB", "default")  # "default" without glibc's mallopt
 
 
 @pytest.mark.slow
