@@ -163,32 +163,9 @@ def gemm_rate(
 ) -> float:
     """Best GFLOP/s over windows of ``seconds`` running every ``(m, k, n)`` matmul of ``shapes`` once per round:
     what the machine attains on a model's own GEMM shapes (smaller than the square peak for small hidden sizes)."""
-    import torch
+    from kubetune.hardware import gemm_gflops
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    try:
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        mats = [
-            (torch.randn(m, k, device=device).to(dt), torch.randn(k, n, device=device).to(dt)) for m, k, n in shapes
-        ]
-        flops = sum(2 * m * k * n for m, k, n in shapes)
-        for a, b in mats:
-            torch.mm(a, b)
-        sync()
-        best = 0.0
-        for _ in range(3):
-            rounds, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                for a, b in mats:
-                    torch.mm(a, b)
-                rounds += 1
-            sync()
-            best = max(best, flops * rounds / (time.perf_counter() - t0) / 1e9)
-        return float(f"{best:.4g}")
-    finally:
-        torch.set_num_threads(old)
+    return gemm_gflops(list(shapes), dtype, threads, device=device, seconds=seconds)
 
 
 def peak_record(threads: int, when: str, device: str = "cpu") -> dict[str, Any]:

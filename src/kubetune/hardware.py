@@ -115,11 +115,18 @@ class Decision:
 BF16_MIN_SPEEDUP = 1.3
 
 
-def matmul_gflops(
-    dtype: str, threads: int, *, device: str = "cpu", size: int = 1024, seconds: float = 0.05, repeats: int = 3
+def gemm_gflops(
+    shapes: list[tuple[int, int, int]],
+    dtype: str,
+    threads: int,
+    *,
+    device: str = "cpu",
+    seconds: float = 0.05,
+    repeats: int = 3,
 ) -> float:
-    """Best GFLOP/s of a square ``size`` matmul in ``dtype`` (``fp32``/``bf16``/``fp16``) on ``threads`` threads (or
-    the GPU), over ``repeats`` windows of ``seconds``: a neighbour's burst lowers single windows, never raises them."""
+    """Best GFLOP/s running every ``(m, k, n)`` matmul of ``shapes`` once per round, in ``dtype``
+    (``fp32``/``bf16``/``fp16``) on ``threads`` threads (or the GPU), over ``repeats`` windows of ``seconds``: a
+    neighbour's burst lowers single windows, never raises them."""
     import time
 
     import torch
@@ -129,21 +136,32 @@ def matmul_gflops(
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        a = torch.randn(size, size, device=device).to(dt)
-        b = torch.randn(size, size, device=device).to(dt)
-        torch.mm(a, b)
+        mats = [
+            (torch.randn(m, k, device=device).to(dt), torch.randn(k, n, device=device).to(dt)) for m, k, n in shapes
+        ]
+        flops = sum(2 * m * k * n for m, k, n in shapes)
+        for a, b in mats:
+            torch.mm(a, b)
         sync()
         best = 0.0
         for _ in range(repeats):
-            n, t0 = 0, time.perf_counter()
+            rounds, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                torch.mm(a, b)
-                n += 1
+                for a, b in mats:
+                    torch.mm(a, b)
+                rounds += 1
                 sync()
-            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e9)
+            best = max(best, flops * rounds / (time.perf_counter() - t0) / 1e9)
         return float(f"{best:.4g}")
     finally:
         torch.set_num_threads(old)
+
+
+def matmul_gflops(
+    dtype: str, threads: int, *, device: str = "cpu", size: int = 1024, seconds: float = 0.05, repeats: int = 3
+) -> float:
+    """Best GFLOP/s of a square ``size`` matmul (see :func:`gemm_gflops`)."""
+    return gemm_gflops([(size, size, size)], dtype, threads, device=device, seconds=seconds, repeats=repeats)
 
 
 _RATES: dict[int, dict[str, float]] = {}

@@ -40,15 +40,15 @@ def chunk_tokens(vocab: int) -> int:
     return max(16, min(MAX_CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, vocab)))
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _in_dtype(weight, bias, dtype):
+    """The head's weight and bias in the compute dtype, cast once per call (no copy when they are in it already)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _logits(h, weight, bias, compute_dtype, scale: float, softcap: float | None):
-    """fp32 logits of one chunk (and the softcap's tanh, which backward needs)."""
-    z = torch.nn.functional.linear(
-        h.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
-    ).float()
+def _logits(h, w, b, scale: float, softcap: float | None):
+    """fp32 logits of one chunk, from the head's weight ``w`` and bias ``b`` already in the compute dtype (and the
+    softcap's tanh, which backward needs)."""
+    z = torch.nn.functional.linear(h.to(w.dtype), w, b).float()
     if scale != 1.0:
         z.mul_(scale)
     tanh = None
@@ -90,12 +90,13 @@ class TokenChunkedLogProb(torch.autograd.Function):
             extra["is_top1"] = torch.empty(n, dtype=torch.bool, device=device)
         # Keeping the probabilities for backward spares it a second LM-head GEMM and the softmax; it costs
         # tokens x vocab values in the compute dtype, so only within SAVE_PROBS_BYTES (and without a softcap).
-        keep = not final_logit_softcapping and n * vocab * _itemsize(compute_dtype) <= SAVE_PROBS_BYTES
+        keep = not final_logit_softcapping and n * vocab * compute_dtype.itemsize <= SAVE_PROBS_BYTES
         probs = torch.empty(n, vocab, dtype=compute_dtype, device=device) if keep else None
+        w, b = _in_dtype(weight, bias, compute_dtype)
         with torch.no_grad():
             for s in range(0, n, step):
                 e = min(s + step, n)
-                z, _ = _logits(hidden[s:e], weight, bias, compute_dtype, scale, final_logit_softcapping)
+                z, _ = _logits(hidden[s:e], w, b, scale, final_logit_softcapping)
                 lse = torch.logsumexp(z, dim=-1)
                 log_z[s:e] = lse
                 if want["is_top1"]:
@@ -139,7 +140,7 @@ class TokenChunkedLogProb(torch.autograd.Function):
         want_b = bias is not None and ctx.needs_input_grad[2]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_b else None
-        w = weight.to(compute_dtype)
+        w, b = _in_dtype(weight, bias, compute_dtype)
         for s in range(0, n, step):
             e = min(s + step, n)
             g = grad_logprobs[s:e].float() * scale
@@ -150,7 +151,7 @@ class TokenChunkedLogProb(torch.autograd.Function):
                 # the target's entry from the fp32 log-probability, not from the rounded probability
                 gz.scatter_(-1, t, (g * -torch.expm1(logprobs[s:e])).to(compute_dtype).unsqueeze(-1))
             else:
-                z, tanh = _logits(hidden[s:e], weight, bias, compute_dtype, ctx.scale, softcap)
+                z, tanh = _logits(hidden[s:e], w, b, scale, softcap)
                 grad_z = z.sub_(log_z[s:e].unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
                 grad_z.scatter_add_(-1, t, g.unsqueeze(-1))
                 if tanh is not None:

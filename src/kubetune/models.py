@@ -327,8 +327,7 @@ def own_memory(model) -> int:
     ranges = _file_mapped_ranges()
     copied = 0
     for module in model.modules():
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for _, t in tensors:
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if is_file_mapped(t, ranges):
                 t.data = t.data.clone()
                 copied += t.numel() * t.element_size()
@@ -355,10 +354,9 @@ def prepare_kbit_model(model, *, precision: str, activation_checkpointing: bool)
     """
     import torch
 
-    for param in model.parameters():
-        param.requires_grad_(False)
     upcast = torch_dtype(precision) != torch.bfloat16
     for param in model.parameters():
+        param.requires_grad_(False)
         if upcast and param.dtype in (torch.float16, torch.bfloat16) and not _is_quantised_param(param):
             param.data = param.data.to(torch.float32)
     copied = own_memory(model)

@@ -49,8 +49,17 @@ def test_the_probe_measures_both_dtypes_once(monkeypatch):
     assert calls == [("fp32", 2), ("bf16", 2)]
 
 
-def test_matmul_gflops_measures_something_real():
-    assert hardware.matmul_gflops("fp32", 1, size=128, seconds=0.01, repeats=1) > 0.1
+def test_gemm_gflops_counts_the_flops_of_every_round(monkeypatch):
+    import itertools
+    import time
+
+    clock = itertools.count()  # each reading of the clock is one second later
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    # t0 = 0; at 1 s one round of both matmuls runs; at 2 s the 1.5 s window is over; the rate is read at 3 s
+    got = hardware.gemm_gflops([(2, 3, 4), (5, 6, 7)], "fp32", 1, seconds=1.5, repeats=1)
+    assert got == pytest.approx(2 * (2 * 3 * 4 + 5 * 6 * 7) / 3 / 1e9, rel=1e-3)  # 4 significant digits
+    square = hardware.matmul_gflops("fp32", 1, size=8, seconds=1.5, repeats=1)
+    assert square == pytest.approx(2 * 8**3 / 3 / 1e9, rel=1e-3)
 
 
 def test_bad_probe_override_names_the_variable(monkeypatch):
