@@ -19,6 +19,8 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
   they are (no preparation): they stay views of the mapped checkpoint, which then stays in RSS;
 - ``lora-bf16 (glibc default)``, ``qlora (glibc default)``: the first two with glibc's malloc as it comes (its
   dynamic mmap threshold);
+- ``lora-bf16 +ckpt``, ``qlora +ckpt``: the first two with activation checkpointing on (each decoder layer
+  recomputed in backward, as SFTTrainer's default and the train stage's ``train.activation_checkpointing: on``);
 - ``lora-bf16 +malloc``, ``qlora +malloc``: ``lora-bf16`` and ``qlora`` with ``MALLOC_MMAP_THRESHOLD_=65536`` in
   the environment (glibc then serves large tensors from mmap and returns them to the kernel when freed);
 - ``lora-bf16 +jemalloc``, ``qlora +jemalloc`` (only where ``libjemalloc.so.2`` is installed): with jemalloc
@@ -32,7 +34,11 @@ one-off allocations, where there are several). Measured: weight bytes (parameter
 quantisation state); peak RSS while loading and preparing, during the training steps alone (VmHWM reset after
 loading; ``wait4`` then reports this one), and over the whole life (the larger of the two); and, sampled every 20 ms,
 the peak of the anonymous part of RSS (heap and tensors) apart from the mapped-file part (weights that ``safetensors``
-maps from disk count in RSS while mapped, but they are page cache the kernel can reclaim).
+maps from disk count in RSS while mapped, but they are page cache the kernel can reclaim). For arms without
+checkpointing, also the bytes autograd saves for backward in the first forward pass (the activations) and the
+*live* bytes: imports + weights + the adapter's gradients and AdamW moments + those activations, what the process
+must hold at the end of a forward pass whatever its allocator keeps; the ratio of live bytes bounds how low the
+ratio of peaks could go with a perfect allocator.
 """
 
 from __future__ import annotations
@@ -114,17 +120,47 @@ def _load(spec: dict[str, Any]):
 
 
 def _prepare(spec: dict[str, Any], model):
-    if spec["prepare"] == "kubetune":
-        from kubetune import models
+    from kubetune import models
 
-        # As the train stage calls it (activation checkpointing off, as on a CPU with memory to spare).
-        return models.prepare_kbit_model(model, precision=spec["rest_dtype"], activation_checkpointing=False)
+    checkpointing = bool(spec.get("checkpointing"))
+    if spec["prepare"] == "kubetune":
+        # As the train stage calls it (activation checkpointing off unless the arm asks for it, as the automatic
+        # rule does on a CPU with memory to spare).
+        return models.prepare_kbit_model(model, precision=spec["rest_dtype"], activation_checkpointing=checkpointing)
     if spec["prepare"] == "peft":
         from peft import prepare_model_for_kbit_training
 
         # As the train stage called it before; it casts every non-quantised parameter to fp32.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    if checkpointing:
+        # As the Trainer does for a bf16 base with activation_checkpointing=True.
+        models.enable_activation_checkpointing(model)
     return model
+
+
+class SavedForBackward:
+    """Bytes of the tensors autograd saves for backward in one forward pass (the activations), not counting
+    parameters, buffers or anything that shares their storage. Each storage counts once. Under activation
+    checkpointing the checkpointed layers save through hooks of their own, so the figure would miss them: the
+    benchmark reports it only for arms without checkpointing."""
+
+    def __init__(self, model):
+        import torch
+
+        self._weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self._seen: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._weights:
+            self._seen.setdefault(ptr, storage.nbytes())
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
 
 
 def _train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +199,15 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     step_seconds = []
     losses = []
-    for _ in range(spec["steps"]):
+    saved = None if spec.get("checkpointing") else SavedForBackward(model)
+    for step in range(spec["steps"]):
         ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        if step == 0 and saved is not None:
+            with saved.hooks:
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -183,6 +224,9 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in trainable),
         "weight_bytes": loaded_bytes,
         "weight_bytes_training": train_bytes,
+        # AdamW keeps a gradient and two moments per trainable parameter, each in the parameter's dtype
+        "trainable_state_bytes": 3 * sum(p.numel() * p.element_size() for p in trainable),
+        "saved_activation_bytes": saved.bytes if saved is not None else None,
         "rss_after_imports_bytes": rss_imports,
         "load_peak_rss_bytes": load_hwm,
         "train_peak_rss_bytes": common.vm_hwm_bytes() if hwm_reset else None,
@@ -224,6 +268,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "qlora": QLORA,
     "lora-bf16 (glibc default)": {**LORA, "tune_allocator": False},
     "qlora (glibc default)": {**QLORA, "tune_allocator": False, "reference": "lora-bf16 (glibc default)"},
+    "lora-bf16 +ckpt": {**LORA, "checkpointing": True},
+    "qlora +ckpt": {**QLORA, "checkpointing": True, "reference": "lora-bf16 +ckpt"},
     "qlora-fp32": {**QLORA, "rest_dtype": "fp32"},
     "qlora-peft": {**QLORA, "rest_dtype": "fp32", "loader": "transformers", "prepare": "peft"},
     "qlora-bf16-rest": {**QLORA, "loader": "transformers", "prepare": None},
@@ -318,6 +364,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "non_quantised_dtype": opts["rest_dtype"],
                 "loader": "pread" if opts["method"] == "qlora" and opts["loader"] == "kubetune" else "mmap",
                 "kbit_prepare": opts["prepare"],
+                "activation_checkpointing": bool(opts.get("checkpointing")),
                 "env": _env_label(env),
                 "allocator": r.get("allocator"),
                 "parameters": made["parameters"],
@@ -336,6 +383,9 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "peak_file_gib": common.gib(r["peak_file_bytes"]),
                 "train_peak_file_gib": common.gib(r["train_peak_file_bytes"]),
                 "rss_after_imports_gib": common.gib(r["rss_after_imports_bytes"]),
+                "saved_activation_gib": common.gib(r["saved_activation_bytes"]),
+                "live_bytes": _live_bytes(r),
+                "live_gib": common.gib(_live_bytes(r)),
                 "load_seconds": r["load_seconds"],
                 "s_per_step": _s_per_step(r["step_seconds"]),
                 "step_seconds": r["step_seconds"],
@@ -358,6 +408,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                         "train_peak_rss_ratio": _ratio(r["train_peak_rss_bytes"], base["train_peak_rss_bytes"]),
                         "peak_anon_ratio": _ratio(r["peak_anon_bytes"], base["peak_anon_bytes"]),
                         "weight_bytes_ratio": round(r["weight_bytes"] / base["weight_bytes"], 2),
+                        "live_bytes_ratio": _ratio(r["live_bytes"], base["live_bytes"]),
                     }
                 )
             )
@@ -367,6 +418,20 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
     return records
+
+
+def _live_bytes(r: dict[str, Any]) -> int | None:
+    """What must be resident at the end of the first forward pass whatever the allocator does: the process after
+    imports, the weights (adapter included), the adapter's gradients and AdamW moments, and the activations saved
+    for backward. Only where the activations were counted (arms without checkpointing)."""
+    if r.get("saved_activation_bytes") is None or not r.get("rss_after_imports_bytes"):
+        return None
+    return (
+        r["rss_after_imports_bytes"]
+        + r["weight_bytes_training"]
+        + r["trainable_state_bytes"]
+        + r["saved_activation_bytes"]
+    )
 
 
 def _s_per_step(seconds: list[float]) -> float | None:
@@ -406,6 +471,9 @@ MEMORY_COLUMNS = [
     ("peak mapped-file GiB", "peak_file_gib"),
     ("train mapped-file GiB", "train_peak_file_gib"),
     ("after imports GiB", "rss_after_imports_gib"),
+    ("checkpointing", "activation_checkpointing"),
+    ("saved activations GiB", "saved_activation_gib"),
+    ("live GiB", "live_gib"),
     ("s/step", "s_per_step"),
     ("load avg", "load_avg"),
 ]
@@ -415,6 +483,7 @@ RATIO_COLUMNS = [
     ("train peak ratio", "train_peak_rss_ratio"),
     ("peak anon ratio", "peak_anon_ratio"),
     ("weight bytes ratio", "weight_bytes_ratio"),
+    ("live bytes ratio", "live_bytes_ratio"),
 ]
 
 

@@ -196,6 +196,14 @@ class TrainConfig:
         "loss). `auto`: `chunked` on CPU, `trl` on GPU.",
         choices=("auto", "chunked", "trl"),
     )
+    dropout_sampler: str = _f(
+        "auto",
+        "How LoRA dropout draws its masks. `torch`: PEFT's nn.Dropout, one random number per element. `bulk`: "
+        "kubetune's sampler, one 64-bit draw per three elements (about 2x faster on CPUs; the drop probability is "
+        "rounded to a multiple of 1/65536, 0.05 -> 0.0500031). `auto`: `bulk` on CPU, `torch` on GPU (where dropout "
+        "costs little).",
+        choices=("auto", "bulk", "torch"),
+    )
     ipex: bool = _f(False, "Apply intel-extension-for-pytorch (only in the cpu-ipex image, torch 2.8).")
     logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)
     save_steps: int = _f(50, "Checkpoint every N steps (and always at the end).", minimum=1)

@@ -363,13 +363,20 @@ def prepare_kbit_model(model, *, precision: str, activation_checkpointing: bool)
     if copied:
         log.info("copied %.2f GiB of weights out of the memory-mapped checkpoint", copied / 2**30)
     if activation_checkpointing:
-        model.enable_input_require_grads()
-        ac_kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (``use_reentrant=False``), with the embeddings'
+    output made to require grad so that checkpointed layers of a frozen base still pass gradients on (as peft and
+    the Trainer do)."""
+    model.enable_input_require_grads()
+    ac_kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
 
 
 def weights_sha256(resolved: ResolvedModel) -> str | None:

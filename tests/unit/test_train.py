@@ -232,9 +232,11 @@ def test_training_summary_records_the_run(workspace, tmp_path):
         "activation_checkpointing",
         "optim",
         "lm_head",
+        "dropout_sampler",
         "allocator",
     }
     assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
+    assert s["settings"]["dropout_sampler"] == {"value": "torch", "reason": "lora.dropout is 0: no masks to draw"}
     assert s["settings"]["allocator"]["value"] in ("mmap threshold 8 MiB", "environment", "preloaded", "default")
     assert s["settings"]["threads"] == {"value": 1, "reason": "set in config (train.threads)"}
     assert s["settings"]["precision"]["value"] in ("fp32", "bf16") and s["settings"]["precision"]["reason"]
@@ -358,6 +360,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(workspace, tmp_path, mo
     assert (s["resumed_from_step"], s["global_step"], s["max_steps"], s["steps_this_run"]) == (3, steps, steps, 5)
     assert s["tokens_seen"] == r["tokens_seen"]  # every trained token counted once over the two runs
     assert [st for st, _ in s["loss_curve"]] == list(range(1, steps + 1))  # the curve spans both runs
+    # with dropout, the CPU's bulk mask sampler (kubetune.dropout) draws from the generator the Trainer restores
+    assert s["settings"]["dropout_sampler"]["value"] == ("bulk" if dropout else "torch")
     got, want = adapter_tensors(out), adapter_tensors(ref)
     assert got.keys() == want.keys()
     for k in want:  # data order, RNG (dropout), optimizer and scheduler state all restored: bit-identical
