@@ -172,13 +172,16 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     # As the train stage does before loading (a fixed glibc mmap threshold on CPU, unless the environment sets one)
-    allocator = hardware.apply_allocator_setting(hardware.detect()).value if spec.get("tune_allocator") else "default"
+    tuned = spec.get("tune_allocator")
+    decision = hardware.apply_allocator_setting(hardware.detect()) if tuned else hardware.Decision("default", "")
+    allocator = decision.value
     rss_imports = common.vm_hwm_bytes()
     whole = common.RssSampler().start()
     t0 = time.perf_counter()
-    model = _load(spec)
-    loaded_bytes = weight_bytes(model)
-    model = _prepare(spec, model)
+    with hardware.trimming_heap(decision):  # as the train stage loads (where it tunes the allocator)
+        model = _load(spec)
+        loaded_bytes = weight_bytes(model)
+        model = _prepare(spec, model)
     load_seconds = time.perf_counter() - t0
     load_hwm = common.vm_hwm_bytes()
     model.config.use_cache = False

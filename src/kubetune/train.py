@@ -717,17 +717,18 @@ def _train_into(
     quant = cfg.quant if cfg.method == "qlora" else None
     load_dtype = precision  # QLoRA's non-quantised parts too: prepare_kbit_model keeps bf16 ones in bf16
     t_load = time.perf_counter()
-    model = models.load_model(cfg.model, dtype=load_dtype, quant=quant, device=hw.device, resolved=resolved)
-    log.info(
-        "loaded %s in %.1f s (%s, %s)",
-        resolved.source,
-        time.perf_counter() - t_load,
-        cfg.method,
-        "4-bit NF4" if quant and quant.bits == 4 else load_dtype,
-    )
     ac = bool(settings["activation_checkpointing"].value)
-    if quant is not None:
-        model = models.prepare_kbit_model(model, precision=precision, activation_checkpointing=ac)
+    with hardware.trimming_heap(settings["allocator"]):  # glibc keeps what quantising frees, unless told
+        model = models.load_model(cfg.model, dtype=load_dtype, quant=quant, device=hw.device, resolved=resolved)
+        log.info(
+            "loaded %s in %.1f s (%s, %s)",
+            resolved.source,
+            time.perf_counter() - t_load,
+            cfg.method,
+            "4-bit NF4" if quant and quant.bits == 4 else load_dtype,
+        )
+        if quant is not None:
+            model = models.prepare_kbit_model(model, precision=precision, activation_checkpointing=ac)
     model.config.use_cache = False  # packed rows stay isolated only without the KV cache (STACK.md)
     _check_target_modules(cfg, model)
     if cfg.train.ipex:

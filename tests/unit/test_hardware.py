@@ -110,6 +110,45 @@ def test_allocator_setting_on_cpu_with_glibc(monkeypatch):
     assert d.value == "mmap threshold 8 MiB" and "MALLOC_MMAP_THRESHOLD_" in d.reason
 
 
+def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch):
+    import threading
+    import time
+
+    calls = []
+    monkeypatch.setattr(hardware, "_malloc_trim", lambda: lambda pad: calls.append((pad, threading.get_ident())))
+    tuned = hardware.Decision("mmap threshold 8 MiB", "")
+    with hardware.trimming_heap(tuned, interval_s=0.01) as on:
+        assert on is True
+        time.sleep(0.2)
+    during = len(calls)
+    assert during >= 3  # from the background thread, while the block ran
+    assert calls[-1] == (0, threading.get_ident())  # and once more when it ended, from this thread
+    assert not any(t.name == "kubetune-heap-trim" for t in threading.enumerate())
+    time.sleep(0.05)
+    assert len(calls) == during  # nothing after the block
+
+
+@pytest.mark.parametrize("value", ["default", "environment", "preloaded"])
+def test_heap_is_left_alone_where_kubetune_does_not_manage_malloc(monkeypatch, value):
+    monkeypatch.setattr(hardware, "_malloc_trim", lambda: pytest.fail("malloc_trim must not be called"))
+    with hardware.trimming_heap(hardware.Decision(value, "")) as on:
+        assert on is False
+
+
+def test_heap_trimming_with_the_real_glibc():
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("no glibc malloc_trim here")
+    import torch
+
+    with hardware.trimming_heap(hardware.Decision("mmap threshold 8 MiB", ""), interval_s=0.01) as on:
+        assert on is True
+        kept = [torch.ones(1 << 18) for _ in range(64)]  # 1 MiB each, from the heap
+        del kept[::2]
+    assert len(kept) == 32
+
+
 @pytest.mark.parametrize(
     ("env", "hw", "expected"),
     [
