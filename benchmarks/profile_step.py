@@ -1,11 +1,15 @@
 """Where one LoRA training step's time goes: the torch profiler over one step of the model the train benchmark uses.
 
-    python -m benchmarks.profile_step [--precision bf16|fp32] [--dropout 0.05] [--lm-head chunked|trl]
+    python -m benchmarks.profile_step [--precision bf16|fp32] [--dropout 0.05] [--dropout-sampler bulk|torch]
+                                     [--lm-head chunked|trl]
 
 The step is what SFTTrainer runs for kubetune: TRL's fused LM head (``add_fused_lm_head``, as SFTTrainer adds it),
 PEFT LoRA on ``--target-modules``, fused AdamW, ``--batch`` rows of ``--max-length`` tokens with restarting position
 ids. ``--lm-head chunked`` (the default, what kubetune's train stage does on CPU) routes TRL's head through
-:class:`kubetune.lmhead.TokenChunkedLogProb`; ``--lm-head trl`` keeps TRL's vocabulary-tiled CPU path. Prints the
+:class:`kubetune.lmhead.TokenChunkedLogProb`; ``--lm-head trl`` keeps TRL's vocabulary-tiled CPU path.
+``--dropout-sampler bulk`` (the default, as on CPU) draws the LoRA dropout masks with :mod:`kubetune.dropout`,
+``torch`` with PEFT's ``nn.Dropout``. The model is not under autocast (the trainer's bf16 autocast also casts the
+fp32 adapters per call), so the shares are indicative of the train stage, not equal to it. Prints the
 step time, the profiler's top operators by self time, and the share of the step in matmuls, attention, the LM head
 and element-wise work: the numbers that say which lever can still pay and what bounds the step on this machine.
 """
@@ -22,7 +26,7 @@ GROUPS = {
     "matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear"),
     "attention (SDPA)": ("aten::_scaled_dot_product",),
     "log-softmax": ("aten::_log_softmax",),
-    "dropout (bernoulli)": ("aten::bernoulli",),
+    "dropout masks": ("aten::bernoulli", "aten::randint", "aten::random_"),
     "dtype copies": ("aten::copy_", "aten::to", "aten::_to_copy"),
 }
 
@@ -34,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lm-head", choices=("chunked", "trl"), default="chunked")
+    p.add_argument("--dropout-sampler", choices=("bulk", "torch"), default="bulk")
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
@@ -59,30 +64,37 @@ def main(argv=None) -> int:
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if args.dropout_sampler == "bulk":  # what the train stage does on CPU (kubetune.dropout)
+        from kubetune import dropout
+
+        dropout.install(model)
     optim = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.max_length), generator=gen)
     pos = torch.arange(args.max_length).repeat(args.batch, 1)
 
     def step() -> None:
-        with lmhead.token_chunked_head() if args.lm_head == "chunked" else contextlib.nullcontext():
-            out = model(input_ids=ids, position_ids=pos, labels=ids, fused_lm_head=True)
-            out.loss.backward()
+        out = model(input_ids=ids, position_ids=pos, labels=ids, fused_lm_head=True)
+        out.loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
-    step()  # warm-up: kernel selection, allocator
-    t0 = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # The head is installed once around every step, as the train stage installs it around trainer.train(): its
+    # buffers are reused from step to step.
+    with lmhead.token_chunked_head() if args.lm_head == "chunked" else contextlib.nullcontext():
+        step()  # warm-up: kernel selection, allocator, the head's buffers
+        t0 = time.perf_counter()
         step()
+        seconds = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1
     tokens = args.batch * args.max_length
     print(
-        f"\none step: {seconds:.2f} s, {tokens / seconds:.0f} tokens/s ({args.precision}, dropout {args.dropout}, "
-        f"LM head {args.lm_head}, {torch.get_num_threads()} threads, load avg {common.load_avg()})\n"
+        f"\none step: {seconds:.2f} s, {tokens / seconds:.0f} tokens/s ({args.precision}, dropout {args.dropout} "
+        f"({args.dropout_sampler} masks), LM head {args.lm_head}, {torch.get_num_threads()} threads, "
+        f"load avg {common.load_avg()})\n"
     )
     # Either head is one autograd Function: its forward and backward events include their matmuls and tile work.
     head_ops = ("ChunkedLogProbFunction", "TokenChunkedLogProb")

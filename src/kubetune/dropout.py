@@ -68,6 +68,10 @@ class BulkDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or threshold(self.p) == 0:
             return x
+        if torch.compiler.is_compiling():
+            # Under torch.compile (train.compile), inductor generates its own dropout; its graphs cannot hold the
+            # 16-bit views of the 64-bit draws ("Node ... was invalid, but is output").
+            return torch.nn.functional.dropout(x, self.p, training=True)
         if threshold(self.p) == LANES:
             return x * 0.0
         return _BulkDropoutFunction.apply(x, self.p)

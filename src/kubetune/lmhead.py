@@ -215,6 +215,16 @@ class TokenChunkedLogProb(torch.autograd.Function):
         )
 
 
+class _EagerHead:
+    """What the hook puts in TRL's place: :class:`TokenChunkedLogProb`, run eagerly even inside a model compiled with
+    torch.compile (a graph break; its reused buffers and ``out=`` GEMMs are not for a traced graph)."""
+
+    @staticmethod
+    @torch.compiler.disable
+    def apply(*args):
+        return TokenChunkedLogProb.apply(*args)
+
+
 @contextlib.contextmanager
 def token_chunked_head() -> Iterator[bool]:
     """Route TRL's fused LM head through :class:`TokenChunkedLogProb`, scoring only loss-carrying positions, while the
@@ -227,7 +237,7 @@ def token_chunked_head() -> Iterator[bool]:
         yield False
         return
     saved = {n: getattr(trl_utils, n) for n in names}
-    trl_utils._ChunkedLogProbFunction = TokenChunkedLogProb
+    trl_utils._ChunkedLogProbFunction = _EagerHead
     # In trl.trainer.utils this name only decides whether to score just the loss-carrying positions ("compact").
     trl_utils._use_triton = lambda device: True
     try:

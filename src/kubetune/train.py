@@ -496,32 +496,45 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
     }
 
 
+def _by_device(
+    hw: hardware.Hardware, key: str, requested: str, *, cpu: tuple[str, str], gpu: tuple[str, str]
+) -> hardware.Decision:
+    """The config's value for ``key`` unless it is ``auto``; else the (value, reason) for this device."""
+    if requested != "auto":
+        return hardware.Decision(requested, f"set in config ({key})")
+    return hardware.Decision(*(cpu if hw.device == "cpu" else gpu))
+
+
 def choose_lm_head(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
     """TRL's fused LM head, or kubetune's token-chunked one (``kubetune.lmhead``)."""
-    if cfg.train.lm_head != "auto":
-        return hardware.Decision(cfg.train.lm_head, "set in config (train.lm_head)")
-    if hw.device == "cpu":
-        return hardware.Decision(
+    return _by_device(
+        hw,
+        "train.lm_head",
+        cfg.train.lm_head,
+        cpu=(
             "chunked",
             "CPU: one GEMM and one logsumexp per chunk of tokens, on loss-carrying positions only; TRL's "
             "head runs a dozen element-wise ops per vocabulary tile on CPUs",
-        )
-    return hardware.Decision("trl", "GPU: TRL's Triton head scores only loss-carrying positions already")
+        ),
+        gpu=("trl", "GPU: TRL's Triton head scores only loss-carrying positions already"),
+    )
 
 
 def choose_dropout_sampler(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
     """PEFT's nn.Dropout for the LoRA inputs, or kubetune's bulk sampler (``kubetune.dropout``)."""
-    if cfg.train.dropout_sampler != "auto":
-        return hardware.Decision(cfg.train.dropout_sampler, "set in config (train.dropout_sampler)")
-    if cfg.lora.dropout == 0:
+    if cfg.train.dropout_sampler == "auto" and cfg.lora.dropout == 0:
         return hardware.Decision("torch", "lora.dropout is 0: no masks to draw")
-    if hw.device == "cpu":
-        return hardware.Decision(
+    return _by_device(
+        hw,
+        "train.dropout_sampler",
+        cfg.train.dropout_sampler,
+        cpu=(
             "bulk",
             "CPU: one 64-bit random draw per three elements instead of one per element (torch's masks were 8% of "
             "a bf16 step); drop probability rounded to a multiple of 1/65536",
-        )
-    return hardware.Decision("torch", "GPU: torch's dropout costs little there")
+        ),
+        gpu=("torch", "GPU: torch's dropout costs little there"),
+    )
 
 
 def choose_micro_batch(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:

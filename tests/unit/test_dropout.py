@@ -120,3 +120,15 @@ def test_install_leaves_a_dropout_free_adapter_alone(tiny_model_dir):
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
     assert dropout.install(model) == 0
+
+
+def test_compiled_models_get_inductors_dropout():
+    """Under torch.compile the module hands over to torch's dropout, which inductor generates itself."""
+    drop = BulkDropout(0.5).train()
+    compiled = torch.compile(drop, backend="eager")  # dynamo's tracing, without a C++ toolchain
+    torch.manual_seed(0)
+    x = torch.ones(4096, requires_grad=True)
+    y = compiled(x)
+    assert set(torch.unique(y.detach()).tolist()) == {0.0, 2.0}
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())

@@ -93,7 +93,7 @@ def test_hook_is_installed_only_inside_the_block():
     before = trl_utils._ChunkedLogProbFunction
     with lmhead.token_chunked_head() as installed:
         assert installed  # the pinned TRL has both hooks; when an upgrade removes one, this test says so
-        assert trl_utils._ChunkedLogProbFunction is TokenChunkedLogProb
+        assert trl_utils._ChunkedLogProbFunction is lmhead._EagerHead  # TokenChunkedLogProb, never traced
         assert trl_utils._use_triton(torch.device("cpu"))
     assert trl_utils._ChunkedLogProbFunction is before
     assert not trl_utils._use_triton(torch.device("cpu"))

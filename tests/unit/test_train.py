@@ -251,6 +251,30 @@ def test_training_summary_records_the_run(workspace, tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize(
+    ("device", "train_cfg", "dropout", "head", "sampler"),
+    [
+        ("cpu", {}, 0.05, "chunked", "bulk"),
+        ("cuda", {}, 0.05, "trl", "torch"),
+        ("cpu", {}, 0.0, "chunked", "torch"),
+        ("cpu", {"lm_head": "trl", "dropout_sampler": "torch"}, 0.05, "trl", "torch"),
+        ("cuda", {"lm_head": "chunked", "dropout_sampler": "bulk"}, 0.05, "chunked", "bulk"),
+    ],
+    ids=["cpu-auto", "gpu-auto", "no-dropout", "cpu-set", "gpu-set"],
+)
+def test_head_and_dropout_sampler_decisions(tmp_path, device, train_cfg, dropout, head, sampler):
+    from kubetune.hardware import Hardware
+
+    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
+    cfg = base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg, lora={"dropout": dropout})
+    got_head, got_sampler = train_mod.choose_lm_head(cfg, hw), train_mod.choose_dropout_sampler(cfg, hw)
+    assert (got_head.value, got_sampler.value) == (head, sampler)
+    if "lm_head" in train_cfg:
+        assert got_head.reason == "set in config (train.lm_head)"
+    if "dropout_sampler" in train_cfg:
+        assert got_sampler.reason == "set in config (train.dropout_sampler)"
+
+
 def test_token_chunked_head_trains_like_trls_head(workspace, tmp_path):
     """The CPU LM head changes how the loss is computed, not what is learned: same losses and adapter as TRL's."""
     got = {}
