@@ -36,10 +36,11 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     words = -(-n // 3)
     # 48 uniform bits per draw (randint over a power of two takes one 64-bit number and keeps its low bits)
     bits = torch.randint(0, 1 << 48, (words,), dtype=torch.int64, device=device)
-    # little-endian: int16 lanes 0-2 of each int64 are its low 48 bits; lane 3 is always 0 and is skipped
-    lanes = bits.view(torch.int16).view(words, 4)[:, :3].reshape(-1)[:n].view(shape)
-    # an int16 lane is uniform over [-32768, 32767]: it drops when lane + 32768 < threshold
-    return lanes >= threshold(p) - LANES // 2
+    # little-endian: int16 lanes 0-2 of each int64 are its low 48 bits; lane 3 is always 0 and is skipped. An int16
+    # lane is uniform over [-32768, 32767]: it drops when lane + 32768 < threshold. Compared in place (the strided
+    # lanes are never copied); the boolean result is contiguous.
+    keep = bits.view(torch.int16).view(words, 4)[:, :3] >= threshold(p) - LANES // 2
+    return keep.reshape(-1)[:n].view(shape)
 
 
 class _BulkDropoutFunction(torch.autograd.Function):

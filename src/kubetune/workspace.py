@@ -18,6 +18,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._leased: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = 1
@@ -28,8 +29,22 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
+    def lease(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, bool]:
+        """A buffer that must outlive the call that takes it (saved for backward): the named one, marked taken
+        until :meth:`give_back`, or, while it is taken, a fresh tensor. Returns (tensor, whether it is the lease)."""
+        if name in self._leased:
+            return torch.empty(shape, dtype=dtype, device=device), False
+        self._leased.add(name)
+        return self.get(name, shape, dtype, device), True
+
+    def give_back(self, name: str) -> None:
+        self._leased.discard(name)
+
     def clear(self) -> None:
         self._buffers.clear()
+        self._leased.clear()
 
     @property
     def nbytes(self) -> int:

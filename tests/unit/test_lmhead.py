@@ -125,3 +125,27 @@ def test_fused_forward_loss_is_the_same_through_either_head(tiny_model_dir):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
     assert torch.equal(got[2], ref[2])
     torch.testing.assert_close(got[3], ref[3], rtol=1e-4, atol=1e-6)
+
+
+def test_kept_probabilities_reuse_one_buffer_and_never_alias():
+    """The probabilities saved for backward live in a reused buffer, handed back by backward; a second forward before
+    that backward gets memory of its own, so neither call's backward reads the other's."""
+    h, w, b, t = _inputs(n=64, vocab=300)
+    ref = [_run(ChunkedLogProbFunction, h * k, w, b, t)[1] for k in (1.0, 2.0)]
+    lmhead.release_workspace()
+    try:
+        h1, h2 = (h * 1.0).requires_grad_(), (h * 2.0).requires_grad_()
+        out1 = TokenChunkedLogProb.apply(h1, w, b, t, 1.0, 128, None, 1.0, OUTPUTS)
+        out2 = TokenChunkedLogProb.apply(h2, w, b, t, 1.0, 128, None, 1.0, OUTPUTS)  # before out1's backward
+        weights = torch.linspace(0.5, 1.5, h.shape[0])
+        (-(out2[0] * weights).sum()).backward()
+        (-(out1[0] * weights).sum()).backward()
+        torch.testing.assert_close(h1.grad, ref[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(h2.grad, ref[1], rtol=1e-4, atol=1e-6)
+        # handed back: the next call takes the buffer again
+        out3 = TokenChunkedLogProb.apply(h.clone().requires_grad_(), w, b, t, 1.0, 128, None, 1.0, OUTPUTS)
+        _, leased = lmhead._WORKSPACE.lease("probs", (1, 1), torch.float32, torch.device("cpu"))
+        assert not leased  # out3 holds it until its backward
+        del out3
+    finally:
+        lmhead.release_workspace()
