@@ -44,6 +44,7 @@ ratio of peaks could go with a perfect allocator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -206,10 +207,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     for step in range(spec["steps"]):
         ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
         t = time.perf_counter()
-        if step == 0 and saved is not None:
-            with saved.hooks:
-                loss = model(input_ids=ids, labels=ids).loss
-        else:
+        with saved.hooks if step == 0 and saved is not None else contextlib.nullcontext():
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optim.step()

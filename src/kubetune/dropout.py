@@ -13,6 +13,8 @@ checkpoint and restores on resume, work as with ``nn.Dropout``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LANES = 65536  # values of a 16-bit lane
@@ -30,9 +32,7 @@ def effective_p(p: float) -> float:
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """A boolean mask, True with probability ``1 - effective_p(p)`` independently per element."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = -(-n // 3)
     # 48 uniform bits per draw (randint over a power of two takes one 64-bit number and keeps its low bits)
     bits = torch.randint(0, 1 << 48, (words,), dtype=torch.int64, device=device)

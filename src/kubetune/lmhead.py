@@ -48,7 +48,8 @@ def _in_dtype(weight, bias, dtype):
 
 
 # the chunk's logits in the compute dtype (also backward's gradient of the logits) and two fp32 buffers, each
-# chunk_tokens(vocab) x vocab, kept while token_chunked_head() is active (kubetune.workspace says why)
+# chunk_tokens(vocab) x vocab, and the probabilities kept for backward (lent to one forward until its backward), all
+# kept while token_chunked_head() is active (kubetune.workspace says why)
 _WORKSPACE = Workspace()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kubetune import hardware
@@ -116,7 +118,7 @@ def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch):
 
     calls = []
     monkeypatch.setattr(hardware, "_malloc_trim", lambda: lambda pad: calls.append((pad, threading.get_ident())))
-    tuned = hardware.Decision("mmap threshold 8 MiB", "")
+    tuned = hardware.Decision(hardware.TUNED_ALLOCATOR, "")
     with hardware.trimming_heap(tuned, interval_s=0.01) as on:
         assert on is True
         time.sleep(0.2)
@@ -135,18 +137,27 @@ def test_heap_is_left_alone_where_kubetune_does_not_manage_malloc(monkeypatch, v
         assert on is False
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        return next(int(line.split()[1]) << 10 for line in fh if line.startswith("VmRSS"))
+
+
 def test_heap_trimming_with_the_real_glibc():
+    """Freed heap pages below a live allocation stay resident until malloc_trim returns them: the block does."""
     import ctypes
 
-    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
-        pytest.skip("no glibc malloc_trim here")
+    if not hasattr(ctypes.CDLL(None), "malloc_trim") or not Path("/proc/self/status").is_file():
+        pytest.skip("no glibc malloc_trim or /proc here")
     import torch
 
-    with hardware.trimming_heap(hardware.Decision("mmap threshold 8 MiB", ""), interval_s=0.01) as on:
+    kept = [torch.ones(1 << 14) for _ in range(2048)]  # 64 KiB each (128 MiB), from glibc's heap
+    pin = torch.ones(1 << 14)  # above them: the heap's top cannot shrink past it
+    del kept
+    before = _rss_bytes()
+    with hardware.trimming_heap(hardware.Decision(hardware.TUNED_ALLOCATOR, ""), interval_s=0.01) as on:
         assert on is True
-        kept = [torch.ones(1 << 18) for _ in range(64)]  # 1 MiB each, from the heap
-        del kept[::2]
-    assert len(kept) == 32
+    assert before - _rss_bytes() > 64 << 20  # measured here: all 128 MiB
+    assert pin.sum().item() == 1 << 14
 
 
 @pytest.mark.parametrize(
