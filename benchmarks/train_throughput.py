@@ -64,6 +64,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "dropout_sampler=torch (nn.Dropout)": {"overrides": {"train.dropout_sampler": "torch"}, "eval": True},
     "threads=1": {"overrides": {"train.threads": 1}},
     "micro_batch_size=4 (whole batch per pass)": {"overrides": {"train.micro_batch_size": 4}},
+    "micro_batch_size=2": {"overrides": {"train.micro_batch_size": 2}},
+    "micro_batch_size=1": {"overrides": {"train.micro_batch_size": 1}},
+    "lean_layers=off": {"overrides": {"train.lean_layers": "off"}, "eval": True},
     "logging_steps=10": {"overrides": {"train.logging_steps": 10}},
     "compile=true": {"overrides": {"train.compile": True}},
     # glibc malloc's dynamic mmap threshold keeps freed activation buffers in its heaps; a fixed one returns them.
@@ -88,6 +91,8 @@ DEFAULT_LEVERS = [
     "threads=1",
     "compile=true",
     "micro_batch_size=4 (whole batch per pass)",
+    "micro_batch_size=2",
+    "lean_layers=off",
 ]
 
 

@@ -233,6 +233,7 @@ def test_training_summary_records_the_run(workspace, tmp_path):
         "optim",
         "lm_head",
         "dropout_sampler",
+        "lean_layers",
         "allocator",
     }
     assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
@@ -273,6 +274,43 @@ def test_head_and_dropout_sampler_decisions(tmp_path, device, train_cfg, dropout
         assert got_head.reason == "set in config (train.lm_head)"
     if "dropout_sampler" in train_cfg:
         assert got_sampler.reason == "set in config (train.dropout_sampler)"
+
+
+@pytest.mark.parametrize(
+    ("device", "train_cfg", "lean"),
+    [("cpu", {}, "on"), ("cuda", {}, "off"), ("cpu", {"lean_layers": "off"}, "off"), ("cpu", {"ipex": True}, "off")],
+    ids=["cpu-auto", "gpu-auto", "cpu-set", "ipex"],
+)
+def test_lean_layers_decision(tmp_path, device, train_cfg, lean):
+    from kubetune.hardware import Hardware
+
+    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
+    got = train_mod.choose_lean_layers(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
+    assert got.value == lean and got.reason
+
+
+@pytest.mark.parametrize(
+    ("device", "train_cfg", "available_gib", "rows"),
+    [
+        ("cpu", {"batch_size": 4}, 16, 2),
+        ("cpu", {"batch_size": 3}, 16, 1),  # 2 does not divide the batch
+        ("cpu", {"batch_size": 4}, 2, 1),  # two rows' activations do not fit
+        ("cpu", {"batch_size": 4, "micro_batch_size": 4}, 2, 4),
+        ("cuda", {"batch_size": 8}, 16, 8),
+    ],
+    ids=["cpu-auto", "cpu-odd-batch", "cpu-short-of-memory", "cpu-set", "gpu-auto"],
+)
+def test_micro_batch_decision(tmp_path, monkeypatch, device, train_cfg, available_gib, rows):
+    from kubetune import hardware
+    from kubetune.hardware import Hardware
+
+    monkeypatch.setattr(hardware, "available_memory_bytes", lambda hw: available_gib << 30)
+    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
+    cfg = base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg)
+    got = train_mod.choose_micro_batch(cfg, hw, activation_bytes_per_row=700 << 20, weight_bytes=300 << 20)
+    assert got.value == rows and got.reason
+    if "micro_batch_size" in train_cfg:
+        assert got.reason == "set in config (train.micro_batch_size)"
 
 
 def test_token_chunked_head_trains_like_trls_head(workspace, tmp_path):
