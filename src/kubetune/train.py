@@ -553,8 +553,8 @@ def choose_lean_layers(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
         cfg.train.lean_layers,
         cpu=(
             "on",
-            "CPU: RMSNorm in three passes keeping only its bf16 input, the MLP's SiLU product formed in place; "
-            "same outputs, less activation memory",
+            "CPU: RMSNorm keeping only its bf16 input for backward (not two fp32 copies of the hidden state), the "
+            "MLP's SiLU product formed in place; same outputs, less activation memory",
         ),
         gpu=("off", "GPU: memory bandwidth makes element-wise work cheap there"),
     )

@@ -4,6 +4,7 @@ merge, the training summary, DoRA / rsLoRA."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -557,3 +558,28 @@ def test_choose_resume_skips_cut_off_and_damaged_checkpoints(tmp_path, caplog):
     assert not list(d.glob("checkpoint-*"))
     # An empty folder: start fresh.
     assert choose_resume(cfg, tmp_path / "new", RUN) is None
+
+
+def test_bf16_training_feeds_lora_layers_bf16_inputs(workspace, tmp_path, monkeypatch):
+    """Under bf16 autocast the LoRA inputs stay bf16 (PEFT's cast to the fp32 adapter is off for the run), the
+    adapter itself stays fp32, the lean layers are installed, and training still learns."""
+    from transformers import TrainerCallback
+
+    seen: set[torch.dtype] = set()
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for name, module in model.named_modules():
+                if name.endswith("lora_A.default"):
+                    assert module.weight.dtype == torch.float32
+                    module.register_forward_pre_hook(lambda mod, inputs: seen.add(inputs[0].dtype))
+
+    make_callbacks = train_mod._make_callbacks
+    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k), Watch()])
+    cfg = cfg_in(workspace, tmp_path, train={"precision": "bf16", "max_steps": 3}, lora={"dropout": 0.1})
+    s = summary_of(train(cfg, workspace["packed"], tmp_path / "adapter"))
+    assert s["settings"]["precision"]["value"] == "bf16"
+    assert s["settings"]["lean_layers"]["value"] == "on"
+    assert seen == {torch.bfloat16}
+    losses = [loss for _, loss in s["loss_curve"]]
+    assert all(math.isfinite(x) for x in losses)
