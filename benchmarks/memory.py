@@ -28,17 +28,18 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
   ``MALLOC_CONF``).
 
 Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP; in
-bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it) and runs ``--steps`` AdamW
-training steps on ``--batch x --seq`` random tokens (``s/step`` averages the steps after the first, which includes
-one-off allocations, where there are several). Measured: weight bytes (parameters and buffers plus bitsandbytes'
-quantisation state); peak RSS while loading and preparing, during the training steps alone (VmHWM reset after
-loading; ``wait4`` then reports this one), and over the whole life (the larger of the two); and, sampled every 20 ms,
-the peak of the anonymous part of RSS (heap and tensors) apart from the mapped-file part (weights that ``safetensors``
-maps from disk count in RSS while mapped, but they are page cache the kernel can reclaim). For arms without
-checkpointing, also the bytes autograd saves for backward in the first forward pass (the activations) and the
-*live* bytes: imports + weights + the adapter's gradients and AdamW moments + those activations, what the process
-must hold at the end of a forward pass whatever its allocator keeps; the ratio of live bytes bounds how low the
-ratio of peaks could go with a perfect allocator.
+bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it), sets it up as the train stage
+does on a CPU (bulk dropout masks, lean norms and MLP products; for bf16 arms the Trainer's bf16 autocast with
+PEFT's cast of the LoRA inputs turned off) and runs ``--steps`` AdamW training steps on ``--batch x --seq`` random
+tokens (``s/step`` averages the steps after the first, which includes one-off allocations, where there are several).
+Measured: weight bytes (parameters and buffers plus bitsandbytes' quantisation state); peak RSS while loading and
+preparing, during the training steps alone (VmHWM reset after loading; ``wait4`` then reports this one), and over
+the whole life (the larger of the two); and, sampled every 20 ms, the peak of the anonymous part of RSS (heap and
+tensors) apart from the mapped-file part (weights that ``safetensors`` maps from disk count in RSS while mapped, but
+they are page cache the kernel can reclaim). For arms without checkpointing, also the bytes autograd saves for
+backward in the first forward pass (the activations) and the *live* bytes: imports + weights + the adapter's
+gradients and AdamW moments + those activations, what the process must hold at the end of a forward pass whatever
+its allocator keeps; the ratio of live bytes bounds how low the ratio of peaks could go with a perfect allocator.
 """
 
 from __future__ import annotations
@@ -196,6 +197,15 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         # As SFTTrainer does for a quantised base (the train stage's trainer): the adapter in bf16.
         for p in trainable:
             p.data = p.data.to(torch.bfloat16)
+    # As the train stage runs on a CPU: bulk dropout masks, lean norms and MLP products, and in bf16 the Trainer's
+    # autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
+    from peft.helpers import disable_input_dtype_casting
+
+    from kubetune import dropout, layers
+
+    dropout.install(model)
+    layers.install(model)
+    bf16 = spec["rest_dtype"] == "bf16"
     train_bytes = weight_bytes(model)
     hwm_reset = common.reset_vm_hwm()
     during = common.RssSampler().start()
@@ -204,16 +214,18 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     step_seconds = []
     losses = []
     saved = None if spec.get("checkpointing") else SavedForBackward(model)
-    for step in range(spec["steps"]):
-        ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
-        t = time.perf_counter()
-        with saved.hooks if step == 0 and saved is not None else contextlib.nullcontext():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - t)
-        losses.append(float(loss))
+    with disable_input_dtype_casting(model, active=bf16):
+        for step in range(spec["steps"]):
+            ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
+            t = time.perf_counter()
+            hooks = saved.hooks if step == 0 and saved is not None else contextlib.nullcontext()
+            with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - t)
+            losses.append(float(loss))
     train_parts = during.stop()
     whole_parts = whole.stop()
     return {
