@@ -100,6 +100,8 @@ def _lean_norm_forward(module: torch.nn.Module):
 
 def _lean_mlp_forward(module: torch.nn.Module):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:  # a call the probe did not check: the module's own forward
+            return type(module).forward(module, x, *args, **kwargs)
         return module.down_proj(SiluMulFunction.apply(module.gate_proj(x), module.up_proj(x)))
 
     return forward
@@ -162,6 +164,8 @@ def install(model: torch.nn.Module, *, norms: bool = True, mlps: bool = True) ->
     for module in model.modules():
         if getattr(module, "_kubetune_lean", None):
             counts[module._kubetune_lean] += 1
+            continue
+        if "forward" in vars(module):  # already replaced per instance (e.g. accelerate's offload hooks): keep it
             continue
         if norms and _is_norm_candidate(module):
             kind, lean, width = "norms", _lean_norm_forward(module), module.weight.shape[0]

@@ -148,3 +148,13 @@ def test_install_checks_in_eval_mode_and_restores_training_flags():
     flags = {name: m.training for name, m in model.named_modules()}
     assert layers.install(model)["mlps"] == 2  # dropout in the LoRA layers did not make the probe differ
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_modules_whose_forward_is_already_replaced_are_left_alone():
+    model = _tiny_llama()
+    norm = model.model.norm
+    hooked = norm.forward  # what accelerate's hooks do: an instance attribute wrapping the forward
+    norm.forward = lambda x: hooked(x)
+    counts = layers.install(model)
+    assert counts == {"norms": 4, "mlps": 2}
+    assert not hasattr(norm, "_kubetune_lean")
