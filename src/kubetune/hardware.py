@@ -317,6 +317,15 @@ def available_memory_bytes(hw: Hardware) -> int:
     return min(avail, limit) if limit else avail
 
 
+MEMORY_SHARE = 0.8  # of the memory available, what weights + activations may take before kubetune holds back
+
+
+def fits_in_memory(hw: Hardware, need_bytes: int) -> tuple[bool, int]:
+    """Whether ``need_bytes`` fits in :data:`MEMORY_SHARE` of the memory available, and the bytes available."""
+    available = available_memory_bytes(hw)
+    return need_bytes <= MEMORY_SHARE * available, available
+
+
 def choose_activation_checkpointing(
     hw: Hardware, requested: str, *, activation_bytes: int, weight_bytes: int
 ) -> Decision:
@@ -325,17 +334,17 @@ def choose_activation_checkpointing(
         return Decision(True, "set in config (train.activation_checkpointing: on)")
     if requested == "off":
         return Decision(False, "set in config (train.activation_checkpointing: off)")
-    budget = int(available_memory_bytes(hw) * 0.8)
     need = activation_bytes + weight_bytes
+    fits, available = fits_in_memory(hw, need)
     gib = 1 << 30
-    if need > budget:
+    if not fits:
         return Decision(
             True,
             f"estimated {need / gib:.1f} GiB of weights + activations exceeds 80% of the "
-            f"{budget / 0.8 / gib:.1f} GiB available",
+            f"{available / gib:.1f} GiB available",
         )
     return Decision(
         False,
-        f"estimated {need / gib:.1f} GiB fits in the {budget / 0.8 / gib:.1f} GiB available; "
+        f"estimated {need / gib:.1f} GiB fits in the {available / gib:.1f} GiB available; "
         "recomputation would only cost time",
     )

@@ -477,16 +477,12 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
     vocab = getattr(model_config, "vocab_size", 32000)
     est_params = n_params or (12 * layers * h * h + vocab * h)
     weight_bytes = int(est_params * (0.55 if cfg.method == "qlora" else bytes_per))
-    micro = choose_micro_batch(
-        cfg,
-        hw,
-        activation_bytes_per_row=_activation_bytes(model_config, 1, row_len, bytes_per),
-        weight_bytes=weight_bytes,
-    )
+    per_row = _activation_bytes(model_config, 1, row_len, bytes_per)  # linear in the rows per pass
+    micro = choose_micro_batch(cfg, hw, activation_bytes_per_row=per_row, weight_bytes=weight_bytes)
     ac = hardware.choose_activation_checkpointing(
         hw,
         cfg.train.activation_checkpointing,
-        activation_bytes=_activation_bytes(model_config, micro.value, row_len, bytes_per),
+        activation_bytes=micro.value * per_row,
         weight_bytes=weight_bytes,
     )
     optim, why = _optim(cfg, hw.device)
@@ -574,10 +570,10 @@ def choose_micro_batch(
     rows = CPU_ROWS_PER_PASS
     if cfg.train.batch_size % rows:
         return hardware.Decision(1, f"CPU: one packed row per pass (train.batch_size {cfg.train.batch_size} is odd)")
-    available = hardware.available_memory_bytes(hw)
     need = weight_bytes + rows * activation_bytes_per_row
+    fits, available = hardware.fits_in_memory(hw, need)
     gib = 1 << 30
-    if need > 0.8 * available:
+    if not fits:
         return hardware.Decision(
             1,
             f"CPU: one packed row per pass: {rows} would need an estimated {need / gib:.1f} GiB of weights + "
