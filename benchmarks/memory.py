@@ -11,6 +11,8 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
 - ``qlora``: exactly what the train stage does for QLoRA at precision bf16 (``train.precision=bf16``, or ``auto`` on
   a CPU with AMX): :func:`~kubetune.models.load_model` with NF4 + double quantisation, bf16 compute and the
   non-quantised parts (embeddings, LM head, norms) in bf16, then :func:`kubetune.models.prepare_kbit_model`;
+- ``qlora (bitsandbytes 4-bit layers)``: ``qlora`` with bitsandbytes' own 4-bit linear forward/backward (a fresh
+  dequantised weight per call) instead of :class:`kubetune.layers.Linear4bitFunction`'s reused buffer;
 - ``qlora-fp32``: the same at precision fp32 (``auto`` on a CPU without AMX): the non-quantised parts in fp32;
 - ``qlora-peft``: what the train stage did before ``prepare_kbit_model``, for comparison: ``from_pretrained`` as
   transformers loads it (the checkpoint memory-mapped), the non-quantised parts in fp32, then peft's
@@ -29,9 +31,10 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
 
 Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP; in
 bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it), sets it up as the train stage
-does on a CPU (bulk dropout masks, lean norms and MLP products; for bf16 arms the Trainer's bf16 autocast with
-PEFT's cast of the LoRA inputs turned off) and runs ``--steps`` AdamW training steps on ``--batch x --seq`` random
-tokens (``s/step`` averages the steps after the first, which includes one-off allocations, where there are several).
+does on a CPU (bulk dropout masks, lean norms, MLP products and 4-bit layers; for bf16 arms the Trainer's bf16
+autocast with PEFT's cast of the LoRA inputs turned off) and runs ``--steps`` AdamW training steps on
+``--batch x --seq`` random tokens (``s/step`` averages the steps after the first, which includes one-off
+allocations, where there are several).
 Measured: weight bytes (parameters and buffers plus bitsandbytes' quantisation state); peak RSS while loading and
 preparing, during the training steps alone (VmHWM reset after loading; ``wait4`` then reports this one), and over
 the whole life (the larger of the two); and, sampled every 20 ms, the peak of the anonymous part of RSS (heap and
@@ -197,14 +200,14 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         # As SFTTrainer does for a quantised base (the train stage's trainer): the adapter in bf16.
         for p in trainable:
             p.data = p.data.to(torch.bfloat16)
-    # As the train stage runs on a CPU: bulk dropout masks, lean norms and MLP products, and in bf16 the Trainer's
-    # autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
+    # As the train stage runs on a CPU: bulk dropout masks, lean norms, MLP products and 4-bit layers, and in bf16 the
+    # Trainer's autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
     from peft.helpers import disable_input_dtype_casting
 
     from kubetune import dropout, layers
 
     dropout.install(model)
-    layers.install(model)
+    lean = layers.install(model, linear4bit=spec.get("lean_4bit", True))
     bf16 = spec["rest_dtype"] == "bf16"
     train_bytes = weight_bytes(model)
     hwm_reset = common.reset_vm_hwm()
@@ -247,6 +250,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         "step_seconds": [round(s, 2) for s in step_seconds],
         "losses": losses,
         "allocator": allocator,
+        "lean_layers": lean,
     }
 
 
@@ -283,6 +287,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "qlora (glibc default)": {**QLORA, "tune_allocator": False, "reference": "lora-bf16 (glibc default)"},
     "lora-bf16 +ckpt": {**LORA, "checkpointing": True},
     "qlora +ckpt": {**QLORA, "checkpointing": True, "reference": "lora-bf16 +ckpt"},
+    "qlora (bitsandbytes 4-bit layers)": {**QLORA, "lean_4bit": False},
     "qlora-fp32": {**QLORA, "rest_dtype": "fp32"},
     "qlora-peft": {**QLORA, "rest_dtype": "fp32", "loader": "transformers", "prepare": "peft"},
     "qlora-bf16-rest": {**QLORA, "loader": "transformers", "prepare": None},
@@ -378,6 +383,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 "loader": "pread" if opts["method"] == "qlora" and opts["loader"] == "kubetune" else "mmap",
                 "kbit_prepare": opts["prepare"],
                 "activation_checkpointing": bool(opts.get("checkpointing")),
+                "lean_layers": r["lean_layers"],
                 "env": _env_label(env),
                 "allocator": r.get("allocator"),
                 "parameters": made["parameters"],

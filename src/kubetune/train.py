@@ -550,7 +550,8 @@ def choose_lean_layers(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
         cpu=(
             "on",
             "CPU: RMSNorm keeping only its bf16 input for backward (not two fp32 copies of the hidden state), the "
-            "MLP's SiLU product formed in place; same outputs, less activation memory",
+            "MLP's SiLU product formed in place, 4-bit weights dequantised into one reused buffer; same outputs, "
+            "less activation memory",
         ),
         gpu=("off", "GPU: memory bandwidth makes element-wise work cheap there"),
     )
@@ -836,8 +837,13 @@ def _train_into(
     if settings["lean_layers"].value == "on":
         from kubetune import layers
 
-        lean = layers.install(trainer.model)
-        log.info("lean layers: %d RMSNorm and %d SiLU-gated MLP modules", lean["norms"], lean["mlps"])
+        lean = summary["lean_layers"] = layers.install(trainer.model)
+        log.info(
+            "lean layers: %d RMSNorm, %d SiLU-gated MLP and %d 4-bit linear modules",
+            lean["norms"],
+            lean["mlps"],
+            lean["linear4bit"],
+        )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback logs one readable line per step instead
@@ -865,7 +871,11 @@ def _train_into(
         # Under autocast (bf16/fp16) the LoRA linears cast their inputs themselves; PEFT's own cast to the adapter's
         # fp32 would add a copy of every LoRA input, and dropout over it, only for autocast to cast it back.
         with head, disable_input_dtype_casting(trainer.model, active=precision != "fp32"):
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            try:
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            finally:
+                if settings["lean_layers"].value == "on":
+                    layers.release_workspace()
     if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(trainer.state.global_step, summary.get("preempted_checkpoint"))
     # (A signal after the last step: the work is done, so the output is finished within the grace.)

@@ -352,6 +352,10 @@ def test_memory_benchmark_quick(tmp_path):
     assert arms["qlora +malloc"]["allocator"] == "environment"
     assert arms["qlora (glibc default)"]["allocator"] == "default"
     assert arms["qlora"]["allocator"] in ("mmap threshold 8 MiB", "default")  # "default" without glibc's mallopt
+    # set up as the train stage: the 4-bit layers through kubetune.layers, except in the arm that measures without
+    assert arms["qlora"]["lean_layers"]["linear4bit"] == 7 * 4  # 7 projections x 4 layers (--quick)
+    assert arms["qlora (bitsandbytes 4-bit layers)"]["lean_layers"]["linear4bit"] == 0
+    assert arms["lora-bf16"]["lean_layers"] == {"norms": 9, "mlps": 4, "linear4bit": 0}
 
 
 @pytest.mark.slow

@@ -107,8 +107,8 @@ def test_install_on_a_llama_keeps_its_outputs_and_gradients(dtype):
         torch.manual_seed(4)
         models.append(get_peft_model(m, copy.deepcopy(cfg)).train())
     ref, mod = models
-    assert layers.install(mod) == {"norms": 5, "mlps": 2}  # 2 layers x 2 norms + the final norm
-    assert layers.install(mod) == {"norms": 5, "mlps": 2}  # idempotent
+    assert layers.install(mod) == {"norms": 5, "mlps": 2, "linear4bit": 0}  # 2 layers x 2 norms + the final norm
+    assert layers.install(mod) == {"norms": 5, "mlps": 2, "linear4bit": 0}  # idempotent
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(5))
     out_ref = ref(input_ids=ids, labels=ids)
     out_mod = mod(input_ids=ids, labels=ids)
@@ -136,7 +136,7 @@ def test_modules_that_compute_something_else_are_left_alone():
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, hidden_act="gelu")
     model = torch.nn.ModuleDict({"norm": GemmaLikeRMSNorm(), "mlp": LlamaMLP(config)})
     forwards = {name: m.forward for name, m in model.items()}
-    assert layers.install(model) == {"norms": 0, "mlps": 0}
+    assert layers.install(model) == {"norms": 0, "mlps": 0, "linear4bit": 0}
     assert all(model[name].forward == f for name, f in forwards.items())
     assert not any(hasattr(m, "_kubetune_lean") for m in model.values())
 
@@ -156,5 +156,105 @@ def test_modules_whose_forward_is_already_replaced_are_left_alone():
     hooked = norm.forward  # what accelerate's hooks do: an instance attribute wrapping the forward
     norm.forward = lambda x: hooked(x)
     counts = layers.install(model)
-    assert counts == {"norms": 4, "mlps": 2}
+    assert counts == {"norms": 4, "mlps": 2, "linear4bit": 0}
     assert not hasattr(norm, "_kubetune_lean")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bitsandbytes 4-bit linear layers (QLoRA on a CPU)
+
+
+def _linear4bit(quant_type: str = "nf4", nested: bool = True, bias: bool = True, out_features: int = 96):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(6)
+    lin = bnb.nn.Linear4bit(
+        64, out_features, bias=bias, compute_dtype=torch.bfloat16, compress_statistics=nested, quant_type=quant_type
+    )
+    lin = lin.to("cpu")  # quantises the weight
+    if bias:
+        lin.bias.data.uniform_(-1, 1)
+        lin.bias.requires_grad_(True)
+    return lin.train()
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_4bit_matches_bitsandbytes_in_a_reused_buffer(quant_type, nested, dtype):
+    import bitsandbytes.functional as bnbf
+
+    lin = _linear4bit(quant_type, nested)
+    weight = lin.weight
+    want = bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)
+    got = layers.dequantize_4bit(weight, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    again = layers.dequantize_4bit(weight, dtype)
+    assert again.data_ptr() == got.data_ptr()  # the same buffer
+    smaller = _linear4bit(quant_type, nested, out_features=32).weight
+    assert layers.dequantize_4bit(smaller, dtype).data_ptr() == got.data_ptr()  # a view of it, not a new tensor
+    layers.release_workspace()
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear4bit_function_matches_bitsandbytes_forward_and_backward(autocast, bias):
+    lin = _linear4bit(bias=bias)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    dy = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    results = []
+    for fn in (lin, lambda t: layers._linear4bit_product(lin, t)):
+        lin.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, lin.bias.grad if bias else None))
+    (y1, dx1, db1), (y2, dx2, db2) = results
+    assert y2.dtype == y1.dtype == torch.bfloat16
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    torch.testing.assert_close(dx2, dx1, rtol=0, atol=0)
+    if bias:  # summed in fp32 here; within bf16 rounding of the exact sum, as bitsandbytes' is
+        exact = dy.double().sum((0, 1))
+        assert (db2.double() - exact).abs().max() <= (db1.double() - exact).abs().max() + 1e-6
+        torch.testing.assert_close(db2.double(), exact, rtol=8e-3, atol=8e-3)
+    layers.release_workspace()
+
+
+def test_install_routes_a_qlora_llama_through_the_lean_4bit_layers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune import models
+    from kubetune.config import ModelConfig, QuantConfig
+
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, hidden=64).to(torch.bfloat16).save_pretrained(tmp_path)
+    quant = QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    peft_models = []
+    for _ in range(2):
+        model = models.load_model(ModelConfig(name_or_path=str(tmp_path)), dtype="bf16", quant=quant)
+        model = models.prepare_kbit_model(model, precision="bf16", activation_checkpointing=False)
+        torch.manual_seed(4)
+        peft_models.append(get_peft_model(model, copy.deepcopy(cfg)).train())
+    ref, mod = peft_models
+    counts = layers.install(mod)
+    assert counts == {"norms": 5, "mlps": 2, "linear4bit": 14}  # 7 quantised projections in each of 2 layers
+    assert layers.install(mod) == counts  # idempotent
+    ids = torch.randint(0, len(tok), (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = ref(input_ids=ids, labels=ids)
+        out_mod = mod(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_mod.logits, out_ref.logits, rtol=2e-2, atol=2e-2)
+    out_ref.loss.backward()
+    out_mod.loss.backward()
+    named = zip(ref.named_parameters(), mod.named_parameters(), strict=True)
+    pairs = [(n, p1, p2) for (n, p1), (_, p2) in named if p1.requires_grad]
+    assert len(pairs) == 28  # lora_A and lora_B of each projection
+    for name, p1, p2 in pairs:
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=0.1, atol=2e-2, msg=name)
+    # in eval mode the 4-bit layers run bitsandbytes' own forward (its inference path)
+    mod.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mod(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+    layers.release_workspace()

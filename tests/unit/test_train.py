@@ -208,6 +208,9 @@ def test_qlora_4bit_on_cpu_trains_only_the_adapter(workspace, tmp_path, spy):
     assert any(t.dtype == torch.uint8 for n, t in spy["before"].items() if n not in spy["trainable"])
     summary = summary_of(out)
     assert summary["method"] == "qlora" and summary["global_step"] == 3
+    # on a CPU every 4-bit projection trains through kubetune.layers.Linear4bitFunction
+    packed = [n for n, t in spy["before"].items() if t.dtype == torch.uint8]
+    assert summary["lean_layers"]["linear4bit"] == len(packed) > 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
 
