@@ -31,8 +31,9 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
 
 Each arm is its own subprocess: it loads the model, wraps it with the same LoRA (r 16 on q/k/v/o and the MLP; in
 bf16 on a quantised base, as SFTTrainer casts it there, else fp32 as peft creates it), sets it up as the train stage
-does on a CPU (bulk dropout masks, lean norms, MLP products and 4-bit layers; for bf16 arms the Trainer's bf16
-autocast with PEFT's cast of the LoRA inputs turned off) and runs ``--steps`` AdamW training steps on
+does on a CPU (bulk dropout masks, lean norms, MLP products and 4-bit layers; TRL's fused LM head routed through
+kubetune's token-chunked one; for bf16 arms the Trainer's bf16 autocast with PEFT's cast of the LoRA inputs turned
+off) and runs ``--steps`` AdamW training steps on
 ``--batch x --seq`` random tokens (``s/step`` averages the steps after the first, which includes one-off
 allocations, where there are several).
 Measured: weight bytes (parameters and buffers plus bitsandbytes' quantisation state); peak RSS while loading and
@@ -190,6 +191,9 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     load_seconds = time.perf_counter() - t0
     load_hwm = common.vm_hwm_bytes()
     model.config.use_cache = False
+    import trl.trainer.utils as trl_utils
+
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer adds it
     model = get_peft_model(
         model,
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"),
@@ -204,7 +208,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     # Trainer's autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
     from peft.helpers import disable_input_dtype_casting
 
-    from kubetune import dropout, layers
+    from kubetune import dropout, layers, lmhead
 
     dropout.install(model)
     lean = layers.install(model, linear4bit=spec.get("lean_4bit", True))
@@ -217,13 +221,15 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     step_seconds = []
     losses = []
     saved = None if spec.get("checkpointing") else SavedForBackward(model)
-    with disable_input_dtype_casting(model, active=bf16):
+    # the LM head and loss as the train stage computes them on a CPU: kubetune.lmhead's token-chunked head in TRL's
+    # fused head (no [tokens, vocab] logits kept; its chunk buffers reused from step to step)
+    with lmhead.token_chunked_head(), disable_input_dtype_casting(model, active=bf16):
         for step in range(spec["steps"]):
             ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
             t = time.perf_counter()
             hooks = saved.hooks if step == 0 and saved is not None else contextlib.nullcontext()
             with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
             loss.backward()
             optim.step()
             optim.zero_grad(set_to_none=True)
