@@ -97,7 +97,10 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
         assert r["train_peak_rss_gib"] <= r["run_peak_rss_gib"]  # the run's peak covers loading and training
         assert r["peak_gflops"] == max(p[f"{r['precision']}_gflops"] for p in peaks)
         assert r["shape_peak_gflops"] == max(p[f"shape_{r['precision']}_gflops"] for p in shape_peaks)
-        assert r["tokens_per_second_median_step"] > 0 and 0 < r["cpu_util"] <= 1.05
+        assert r["tokens_per_second_median_step"] > 0
+        # CPU seconds of the whole process (its sampler thread and data loader too) over the counted window: a fixed
+        # 0.1 CPU-s of slack, which matters only for windows as short as this tiny run's
+        assert 0 < r["cpu_util"] <= 1.05 + 0.1 / (r["seconds"] * r["threads"])
         assert 0 < r["train_peak_anon_gib"] <= r["train_peak_rss_gib"] + 0.01
         assert r["mfu"] == pytest.approx(
             r["flops_per_token"] * r["tokens_per_second"] / (r["peak_gflops"] * 1e9), abs=1e-3
