@@ -113,9 +113,10 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
-def _native_dequantizer(quant_state, dtype: torch.dtype):
-    """bitsandbytes' CPU routine that dequantises a 4-bit weight of ``quant_state`` to ``dtype`` into a given buffer
-    (the one its own CPU kernel calls into a fresh tensor), or None where that kernel would not use it either."""
+def _native_routines(quant_state, dtype: torch.dtype):
+    """bitsandbytes' CPU routines that dequantise a 4-bit weight of ``quant_state`` to ``dtype`` into a given buffer
+    (the ones its own CPU kernels call into fresh tensors): the weight's, and the 8-bit block scales' where they are
+    double-quantised (else None); or None where bitsandbytes' kernel would not use them either."""
     from bitsandbytes.cextension import lib
 
     shape = tuple(quant_state.shape)
@@ -128,9 +129,11 @@ def _native_dequantizer(quant_state, dtype: torch.dtype):
     ):
         return None
     try:
-        return getattr(lib, f"cdequantize_blockwise_cpu_{quant_state.quant_type}_{_NATIVE_DTYPES[dtype]}")
+        weight = getattr(lib, f"cdequantize_blockwise_cpu_{quant_state.quant_type}_{_NATIVE_DTYPES[dtype]}")
+        scales = lib.cdequantize_blockwise_cpu_fp32 if quant_state.nested else None
     except (AttributeError, RuntimeError):  # a library built without the CPU routines
         return None
+    return weight, scales
 
 
 def dequantize_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -139,21 +142,19 @@ def dequantize_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     qs = weight.quant_state
-    native = _native_dequantizer(qs, dtype)
-    if native is None:
+    routines = _native_routines(qs, dtype)
+    if routines is None:
         return bnbf.dequantize_4bit(weight, qs).to(dtype)
-    ptr = bnbf.get_ptr
-    absmax = qs.absmax
-    if qs.nested:  # double quantisation: the block scales are themselves 8-bit, in blocks of state2.blocksize
-        scales = _WORKSPACE.get("scales", tuple(absmax.shape), torch.float32, absmax.device)
+    dequantize_weight, dequantize_scales = routines
+    ptr, i64 = bnbf.get_ptr, ctypes.c_longlong
+    # every tensor handed to C is bound to a name first, so that it outlives the call
+    absmax = qs.absmax.contiguous()
+    if dequantize_scales is not None:  # double quantisation: the block scales are 8-bit, in blocks of state2's size
         s2 = qs.state2
-        bnbf.lib.cdequantize_blockwise_cpu_fp32(
-            ptr(s2.code.contiguous()),
-            ptr(absmax.contiguous()),
-            ptr(s2.absmax.contiguous()),
-            ptr(scales),
-            ctypes.c_longlong(s2.blocksize),
-            ctypes.c_longlong(absmax.numel()),
+        code, scales_absmax = s2.code.contiguous(), s2.absmax.contiguous()
+        scales = _WORKSPACE.get("scales", tuple(absmax.shape), torch.float32, absmax.device)
+        dequantize_scales(
+            ptr(code), ptr(absmax), ptr(scales_absmax), ptr(scales), i64(s2.blocksize), i64(absmax.numel())
         )
         absmax = scales.add_(qs.offset)
     elif absmax.dtype != torch.float32:
@@ -161,14 +162,7 @@ def dequantize_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows, cols = qs.shape
     out = _WORKSPACE.get("weight", (rows, cols), dtype, weight.device)
     packed = weight.data.contiguous().view(torch.uint8)
-    native(
-        ptr(packed),
-        ptr(absmax.contiguous()),
-        ptr(out),
-        ctypes.c_longlong(qs.blocksize),
-        ctypes.c_longlong(rows),
-        ctypes.c_longlong(cols),
-    )
+    dequantize_weight(ptr(packed), ptr(absmax), ptr(out), i64(qs.blocksize), i64(rows), i64(cols))
     return out
 
 

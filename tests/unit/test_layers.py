@@ -164,11 +164,21 @@ def test_modules_whose_forward_is_already_replaced_are_left_alone():
 # bitsandbytes 4-bit linear layers (QLoRA on a CPU)
 
 
-def _linear4bit(quant_type: str = "nf4", nested: bool = True, bias: bool = True, out_features: int = 96):
+def _linear4bit(
+    quant_type: str = "nf4", nested: bool = True, bias: bool = True, out_features: int = 96, blocksize: int = 64
+):
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(6)
     lin = bnb.nn.Linear4bit(
-        64, out_features, bias=bias, compute_dtype=torch.bfloat16, compress_statistics=nested, quant_type=quant_type
+        64,
+        out_features,
+        bias=bias,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=nested,
+        quant_type=quant_type,
+    )
+    lin.weight = bnb.nn.Params4bit(
+        lin.weight.data, requires_grad=False, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type
     )
     lin = lin.to("cpu")  # quantises the weight
     if bias:
@@ -192,6 +202,15 @@ def test_dequantize_4bit_matches_bitsandbytes_in_a_reused_buffer(quant_type, nes
     smaller = _linear4bit(quant_type, nested, out_features=32).weight
     assert layers.dequantize_4bit(smaller, dtype).data_ptr() == got.data_ptr()  # a view of it, not a new tensor
     layers.release_workspace()
+
+
+def test_dequantize_4bit_where_bitsandbytes_has_no_cpu_routine_for_it():
+    import bitsandbytes.functional as bnbf
+
+    weight = _linear4bit(out_features=128, blocksize=4096).weight  # blocks of 4096: bitsandbytes' torch fallback
+    assert weight.quant_state.blocksize == 4096 and layers._native_routines(weight.quant_state, torch.bfloat16) is None
+    want = bnbf.dequantize_4bit(weight, weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(layers.dequantize_4bit(weight, torch.bfloat16), want)
 
 
 @pytest.mark.parametrize("autocast", [True, False])
