@@ -210,6 +210,7 @@ def _lean_linear4bit_forward(module: torch.nn.Module):
     return forward
 
 
+@torch.compiler.disable  # calls into C through ctypes: run eagerly inside a model compiled with torch.compile
 def _linear4bit_product(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What a bitsandbytes 4-bit layer computes in training, through :class:`Linear4bitFunction`: in autocast's dtype
     under autocast, else in the layer's compute dtype, returned in the input's dtype (as bitsandbytes does)."""
