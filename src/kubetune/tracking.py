@@ -60,6 +60,7 @@ TAG_PROMOTION = "kubetune.promotion"
 TAG_REASON = "kubetune.promotion_reason"
 TAG_BASELINE = "kubetune.promotion_baseline"  # the champion version compared against, or "base"
 PROMOTED, REJECTED = "promoted", "rejected"
+_LOST = "lost a concurrent promotion"  # how a racer's rejection by convergence begins
 
 # Versions registered this close together (server clock) are treated as racing for the alias; older promoted
 # versions are history and never pulled back into `champion` (a manual rollback stays rolled back).
@@ -568,15 +569,16 @@ def champion(c, name: str):
     return c.get_model_version(name, str(version)) if version is not None else None
 
 
-def _chain(c, name: str, mv, limit: int = 50) -> set[str]:
-    """Versions reached by following ``kubetune.promotion_baseline`` from ``mv``: the champions it replaced."""
-    seen: set[str] = set()
+def _chain(c, name: str, mv, limit: int = 50) -> dict[str, str]:
+    """Versions reached by following ``kubetune.promotion_baseline`` from ``mv``: the champions it replaced, each
+    mapped to the version that replaced it (nearest first)."""
+    seen: dict[str, str] = {}
     current = mv
     while current is not None and len(seen) < limit:
         prev = current.tags.get(TAG_BASELINE)
         if not prev or prev == "base" or prev in seen:
             break
-        seen.add(prev)
+        seen[prev] = str(current.version)
         try:
             current = c.get_model_version(name, prev)
         except Exception:  # a deleted version ends the chain
@@ -689,11 +691,23 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
             continue
         loss = _loss_of(c, x)
         reason = (
-            f"lost a concurrent promotion: version {winner.version} (eval_loss {best[0]:.4f}) beats this "
+            f"{_LOST}: version {winner.version} (eval_loss {best[0]:.4f}) beats this "
             f"version (eval_loss {loss:.4f}) and holds `{ALIAS}`"
         )
         log.warning("%s version %s %s", name, xv, reason)
         _tag_decision(c, name, xv, x.run_id, REJECTED, reason, None)
+    # A version the winner's chain runs through held the alias and was beaten fairly by the next one: it stays
+    # promoted, as a champion replaced later does. Another racer's convergence may have rejected it before the
+    # chain reached it (a racer re-decides against a newer holder and re-tags its baseline): restore it.
+    for xv, successor in on_chain.items():
+        x = c.get_model_version(name, xv)
+        if x.tags.get(TAG_PROMOTION) != REJECTED or not (x.tags.get(TAG_REASON) or "").startswith(_LOST):
+            continue
+        before = x.tags.get(TAG_BASELINE)
+        over = "the base model" if before in (None, "base") else f"version {before}"
+        reason = f"was `{ALIAS}` (promoted over {over}) until version {successor} beat it"
+        log.info("%s version %s %s", name, xv, reason)
+        _tag_decision(c, name, xv, x.run_id, PROMOTED, reason, None)
     return str(winner.version)
 
 

@@ -502,3 +502,31 @@ def test_retries_back_off_exponentially_and_stop(monkeypatch):
     import os
 
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ or os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] != "0"
+
+
+def test_convergence_restores_a_champion_the_winners_chain_runs_through(store):
+    """Three racers: v2 (0.9) promoted over the base model, v3 (0.7) over v2, v1 (0.5) over the base model. v2's
+    convergence moves the alias to v1 and rejects v2 and v3 (v1's chain is empty then); v1 then re-decides against
+    v3, which it had read as champion, and records it as its baseline. The last convergence must leave the versions
+    on the winner's chain promoted, as champions replaced later are."""
+    c = tracking.client(store)
+    c.create_registered_model("m-chain")
+    for loss in (0.5, 0.9):  # versions 1 and 2
+        _version(c, "m-chain", loss, promoted=True)
+    _version(c, "m-chain", 0.7, promoted=True, baseline="2")
+    c.set_registered_model_alias("m-chain", "champion", "3")
+    assert tracking.converge(c, "m-chain", c.get_model_version("m-chain", "2")) == "1"
+    tags = {v: c.get_model_version("m-chain", v).tags for v in ("2", "3")}
+    assert all(t[tracking.TAG_PROMOTION] == "rejected" for t in tags.values())  # v1's chain was empty then
+    c.set_model_version_tag("m-chain", "1", tracking.TAG_BASELINE, "3")  # v1's re-decision
+    assert tracking.converge(c, "m-chain", c.get_model_version("m-chain", "1")) == "1"
+    assert c.get_registered_model("m-chain").aliases == {"champion": 1}
+    for version, successor, over in (("3", "1", "version 2"), ("2", "3", "the base model")):
+        mv = c.get_model_version("m-chain", version)
+        assert mv.tags[tracking.TAG_PROMOTION] == "promoted", version
+        assert (
+            mv.tags[tracking.TAG_REASON] == f"was `champion` (promoted over {over}) until version {successor} beat it"
+        )
+    # converging again changes nothing
+    assert tracking.converge(c, "m-chain", c.get_model_version("m-chain", "2")) == "1"
+    assert c.get_model_version("m-chain", "2").tags[tracking.TAG_PROMOTION] == "promoted"
