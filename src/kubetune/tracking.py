@@ -569,20 +569,21 @@ def champion(c, name: str):
     return c.get_model_version(name, str(version)) if version is not None else None
 
 
-def _chain(c, name: str, mv, limit: int = 50) -> dict[str, str]:
-    """Versions reached by following ``kubetune.promotion_baseline`` from ``mv``: the champions it replaced, each
-    mapped to the version that replaced it (nearest first)."""
-    seen: dict[str, str] = {}
+def _chain(c, name: str, mv, limit: int = 50) -> dict[str, tuple[str, Any]]:
+    """Versions reached by following ``kubetune.promotion_baseline`` from ``mv``: the champions it replaced (nearest
+    first), each mapped to the version that replaced it and the model version as read (None once deleted)."""
+    seen: dict[str, tuple[str, Any]] = {}
     current = mv
     while current is not None and len(seen) < limit:
         prev = current.tags.get(TAG_BASELINE)
         if not prev or prev == "base" or prev in seen:
             break
-        seen[prev] = str(current.version)
+        replacer = str(current.version)
         try:
             current = c.get_model_version(name, prev)
         except Exception:  # a deleted version ends the chain
-            break
+            current = None
+        seen[prev] = (replacer, current)
     return seen
 
 
@@ -699,9 +700,8 @@ def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int =
     # A version the winner's chain runs through held the alias and was beaten fairly by the next one: it stays
     # promoted, as a champion replaced later does. Another racer's convergence may have rejected it before the
     # chain reached it (a racer re-decides against a newer holder and re-tags its baseline): restore it.
-    for xv, successor in on_chain.items():
-        x = c.get_model_version(name, xv)
-        if x.tags.get(TAG_PROMOTION) != REJECTED or not (x.tags.get(TAG_REASON) or "").startswith(_LOST):
+    for xv, (successor, x) in on_chain.items():  # (read by _chain; the loop above leaves their tags alone)
+        if x is None or x.tags.get(TAG_PROMOTION) != REJECTED or not (x.tags.get(TAG_REASON) or "").startswith(_LOST):
             continue
         before = x.tags.get(TAG_BASELINE)
         over = "the base model" if before in (None, "base") else f"version {before}"

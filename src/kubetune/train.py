@@ -561,7 +561,7 @@ CPU_ROWS_PER_PASS = 2
 
 
 def choose_micro_batch(
-    cfg: Config, hw: hardware.Hardware, *, activation_bytes_per_row: int = 0, weight_bytes: int = 0
+    cfg: Config, hw: hardware.Hardware, *, activation_bytes_per_row: int, weight_bytes: int
 ) -> hardware.Decision:
     """Rows per forward/backward pass. Gradient accumulation keeps the optimizer step over ``batch_size`` rows."""
     if cfg.train.micro_batch_size:
@@ -865,7 +865,7 @@ def _train_into(
     else:
         from peft.helpers import disable_input_dtype_casting
 
-        from kubetune import lmhead
+        from kubetune import layers, lmhead
 
         head = lmhead.token_chunked_head() if settings["lm_head"].value == "chunked" else contextlib.nullcontext()
         # Under autocast (bf16/fp16) the LoRA linears cast their inputs themselves; PEFT's own cast to the adapter's
@@ -874,8 +874,7 @@ def _train_into(
             try:
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             finally:
-                if settings["lean_layers"].value == "on":
-                    layers.release_workspace()
+                layers.release_workspace()  # the 4-bit layers' buffers (nothing is held unless they ran)
     if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(trainer.state.global_step, summary.get("preempted_checkpoint"))
     # (A signal after the last step: the work is done, so the output is finished within the grace.)
