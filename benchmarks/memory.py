@@ -4,8 +4,9 @@
 
 The model is built from a ``LlamaConfig`` (hidden 2048, 16 layers, intermediate 8192, 32 heads / 8 KV heads,
 vocab 32000, untied head: 1.1B parameters) with random weights, saved once as safetensors in bf16 in the scratch
-folder. Every arm allocates as the train stage does on a CPU (``hardware.apply_allocator_setting``: glibc's mmap
-threshold fixed at 8 MiB) unless its name says otherwise. The arms:
+folder. Every arm allocates as the train stage does on a CPU unless its name says otherwise: started under tcmalloc
+where it is installed, as the ``kubetune`` command starts (``hardware.allocator_preload_env``), else on glibc's
+malloc with its mmap threshold fixed at 8 MiB (``hardware.apply_allocator_setting``). The arms:
 
 - ``lora-bf16``: the base in bf16 through :func:`kubetune.models.load_model`, as the train stage loads it;
 - ``qlora``: exactly what the train stage does for QLoRA at precision bf16 (``train.precision=bf16``, or ``auto`` on
@@ -19,6 +20,8 @@ threshold fixed at 8 MiB) unless its name says otherwise. The arms:
   ``prepare_model_for_kbit_training``;
 - ``qlora-bf16-rest``: ``from_pretrained`` as transformers loads it, the non-quantised parts in bf16 and left as
   they are (no preparation): they stay views of the mapped checkpoint, which then stays in RSS;
+- ``lora-bf16 (glibc malloc)``, ``qlora (glibc malloc)``: the first two on glibc's malloc with kubetune's 8 MiB mmap
+  threshold (the train stage where tcmalloc is not installed, or with ``KUBETUNE_ALLOCATOR=system``);
 - ``lora-bf16 (glibc default)``, ``qlora (glibc default)``: the first two with glibc's malloc as it comes (its
   dynamic mmap threshold);
 - ``lora-bf16 +ckpt``, ``qlora +ckpt``: the first two with activation checkpointing on (each decoder layer
@@ -57,6 +60,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.common import BenchError, Recorder, progress
+from kubetune import hardware
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -172,8 +176,6 @@ class SavedForBackward:
 def _train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from kubetune import hardware
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -300,6 +302,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "lora-bf16 +malloc": {**LORA, "env": MALLOC_ENV},
     "qlora +malloc": {**QLORA, "env": MALLOC_ENV, "reference": "lora-bf16 +malloc"},
 }
+# The train stage's allocator where tcmalloc is not installed (or KUBETUNE_ALLOCATOR=system): glibc's malloc with
+# kubetune's fixed mmap threshold. The arms without an env of their own start as the `kubetune` command starts.
+ARMS["lora-bf16 (glibc malloc)"] = {**LORA, "env": {}}
+ARMS["qlora (glibc malloc)"] = {**QLORA, "env": {}, "reference": "lora-bf16 (glibc malloc)"}
 if Path(JEMALLOC).is_file():
     ARMS["lora-bf16 +jemalloc"] = {**LORA, "env": JEMALLOC_ENV}
     ARMS["qlora +jemalloc"] = {**QLORA, "env": JEMALLOC_ENV, "reference": "lora-bf16 +jemalloc"}
@@ -362,7 +368,9 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         by_arm: dict[str, dict[str, Any]] = {}
         for arm in arms:
             opts = dict(ARMS[arm])
-            env = opts.pop("env", {})
+            env = opts.pop("env", None)
+            if env is None:  # as the `kubetune` command starts its training process: tcmalloc where installed
+                env = (hardware.allocator_preload_env() if opts["tune_allocator"] else None) or {}
             opts.pop("reference", None)
             spec = {
                 "kind": "train",
@@ -468,6 +476,8 @@ def _s_per_step(seconds: list[float]) -> float | None:
 def _env_label(env: dict[str, str]) -> str | None:
     if env.get("LD_PRELOAD") == JEMALLOC:
         return "jemalloc (as the CPU images)"
+    if hardware.PRELOADED_BY_ENV in env:
+        return "tcmalloc (as kubetune starts)"
     return " ".join(f"{k}={v}" for k, v in env.items()) or None
 
 

@@ -7,7 +7,9 @@
     LoraConfig(...))`` on conversational prompt/completion rows; every other setting is TRL's default (bf16 autocast,
     activation checkpointing, packing with padding-free batches, completion-only loss).
 (b) **kubetune**: :func:`kubetune.train.train` on the packed_dataset that ``kubetune.prepare`` + ``kubetune.pack``
-    made from the same rows, with its automatic settings (precision, threads, activation checkpointing, optimizer).
+    made from the same rows, with its automatic settings (precision, threads, activation checkpointing, optimizer),
+    in a process started as the ``kubetune`` command starts one: under tcmalloc where it is installed
+    (``kubetune.hardware.allocator_preload_env``). The baseline runs on the C library's malloc, as a user's script does.
 
 Both arms get the same model folder, rows, ``max_length``, batch size, LoRA rank/alpha/dropout/targets, learning rate
 and schedule (linear, no warm-up: TRL's default) and seed, and run ``--warmup`` steps that are not counted followed by
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import statistics
 import time
@@ -49,7 +52,10 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.common import BenchError, Recorder, progress
+from kubetune import hardware
 
+# kubetune runs with the C library's malloc (the glibc levers need it)
+GLIBC = {"KUBETUNE_ALLOCATOR": "system"}
 # Levers: kubetune variants, each one change against kubetune's automatic settings (combinations say so). "eval":
 # also score the held-out loss (the levers that change numerics).
 LEVERS: dict[str, dict[str, Any]] = {
@@ -70,12 +76,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "logging_steps=10": {"overrides": {"train.logging_steps": 10}},
     # inductor compiles on one thread: low CPU use is its nature there, not a neighbour's doing, so no retry
     "compile=true": {"overrides": {"train.compile": True}, "retries": 0},
+    # The C library's malloc instead of the tcmalloc kubetune preloads where it is installed (the train stage then
+    # tunes glibc's mmap threshold itself).
+    "allocator=system (glibc malloc)": {"overrides": {}, "env": GLIBC},
     # glibc malloc's dynamic mmap threshold keeps freed activation buffers in its heaps; a fixed one returns them.
-    "MALLOC_MMAP_THRESHOLD_=65536": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "65536"}},
-    "MALLOC_MMAP_THRESHOLD_=1048576": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "1048576"}},
-    "MALLOC_MMAP_THRESHOLD_=8388608": {"overrides": {}, "env": {"MALLOC_MMAP_THRESHOLD_": "8388608"}},
+    "MALLOC_MMAP_THRESHOLD_=65536": {"overrides": {}, "env": {**GLIBC, "MALLOC_MMAP_THRESHOLD_": "65536"}},
+    "MALLOC_MMAP_THRESHOLD_=1048576": {"overrides": {}, "env": {**GLIBC, "MALLOC_MMAP_THRESHOLD_": "1048576"}},
+    "MALLOC_MMAP_THRESHOLD_=8388608": {"overrides": {}, "env": {**GLIBC, "MALLOC_MMAP_THRESHOLD_": "8388608"}},
     # glibc also returns the free top of its heap to the kernel above 128 KiB; faulting it back in costs time
-    "MALLOC_TRIM_THRESHOLD_=1 GiB": {"overrides": {}, "env": {"MALLOC_TRIM_THRESHOLD_": str(1 << 30)}},
+    "MALLOC_TRIM_THRESHOLD_=1 GiB": {"overrides": {}, "env": {**GLIBC, "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}},
     # The baseline recipe with one change, to separate dtype from everything else.
     "baseline + bf16=False": {"arm": "baseline", "baseline_bf16": False},
 }
@@ -91,6 +100,7 @@ DEFAULT_LEVERS = [
     "dropout_sampler=torch (nn.Dropout)",
     "threads=1",
     "compile=true",
+    "allocator=system (glibc malloc)",
     "micro_batch_size=4 (whole batch per pass)",
     "micro_batch_size=2",
     "lean_layers=off",
@@ -715,6 +725,8 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         **extra,
     ) -> dict[str, Any]:
         spec = {**base_spec, "name": _slug(name), "arm": arm, "warmup": warmup, "steps": steps, **extra}
+        if arm == "kubetune":  # started as the `kubetune` command starts its training process
+            env = {**(hardware.allocator_preload_env({**os.environ, **(env or {})}) or {}), **(env or {})}
         spec["eval_rows"] = eval_rows
         retries = args.retries if retries is None else retries
         for attempt in range(1 + retries):

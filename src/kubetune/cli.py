@@ -347,8 +347,34 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Commands that load a model start under tcmalloc where it is installed (kubetune.hardware.allocator_preload_env).
+_MODEL_COMMANDS = frozenset({"train", "evaluate", "run", "generate"})
+
+
+def _restart_under_allocator(argv: list[str]) -> None:
+    """Replace this process with the same command line under tcmalloc (``LD_PRELOAD``: malloc can only be replaced
+    when a process starts) for the commands that load a model, where ``KUBETUNE_ALLOCATOR`` and the machine say so.
+    A no-op in the restarted process: its ``LD_PRELOAD`` already names the allocator."""
+    command = argv[0] if argv else ""
+    if command not in _MODEL_COMMANDS and not (command == "pipeline" and "--local" in argv):
+        return
+    from kubetune import hardware
+
+    changes = hardware.allocator_preload_env()
+    if changes is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **changes})
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the process's own command line (the console script, python -m kubetune.cli)
+        argv = sys.argv[1:]
+        rc = _guard(lambda: _restart_under_allocator(argv))  # returns only where no restart is due
+        if rc:
+            return rc
+    argv = list(argv)
     if argv and argv[0] == "pipeline":
         # The KFP commands live with the pipeline code; the library never imports kfp.
         _setup_logging("-v" in argv or "--verbose" in argv)

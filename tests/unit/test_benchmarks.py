@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, data_stages, gpu_qlora, memory, pipeline_overhead, train_throughput  # noqa: E402
+from kubetune import hardware  # noqa: E402
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -350,11 +351,15 @@ def test_memory_benchmark_quick(tmp_path):
     assert all(r["peak_rss_bytes"] > 0 and r["train_peak_rss_gib"] > 0 for r in arms.values())
     ratios = by_name(read_records(out), "memory-ratio")
     assert {"qlora / lora-bf16", "qlora +malloc / lora-bf16 +malloc"} <= set(ratios)
-    assert arms["qlora +malloc"]["env"] == "MALLOC_MMAP_THRESHOLD_=65536" and arms["qlora"]["env"] is None
-    # the arms allocate as the train stage does, except those that say otherwise
+    assert arms["qlora +malloc"]["env"] == "MALLOC_MMAP_THRESHOLD_=65536"
+    # the arms allocate as the train stage does (under tcmalloc where it is installed), except those that say otherwise
+    tcmalloc = hardware.find_tcmalloc() is not None
+    assert arms["qlora"]["env"] == ("tcmalloc (as kubetune starts)" if tcmalloc else None)
     assert arms["qlora +malloc"]["allocator"] == "environment"
     assert arms["qlora (glibc default)"]["allocator"] == "default"
-    assert arms["qlora"]["allocator"] in ("mmap threshold 8 MiB", "default")  # "default" without glibc's mallopt
+    glibc = ("mmap threshold 8 MiB", "default")  # "default" without glibc's mallopt
+    assert arms["qlora (glibc malloc)"]["allocator"] in glibc and arms["qlora (glibc malloc)"]["env"] is None
+    assert arms["qlora"]["allocator"] == "tcmalloc" if tcmalloc else arms["qlora"]["allocator"] in glibc
     # set up as the train stage: the 4-bit layers through kubetune.layers, except in the arm that measures without
     assert arms["qlora"]["lean_layers"]["linear4bit"] == 7 * 4  # 7 projections x 4 layers (--quick)
     assert arms["qlora (bitsandbytes 4-bit layers)"]["lean_layers"]["linear4bit"] == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubetune import hardware
+from kubetune.errors import UserError
 from kubetune.hardware import Hardware
 
 
@@ -105,34 +106,46 @@ def test_allocator_setting_on_cpu_with_glibc(monkeypatch):
     import ctypes
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(hardware, "loaded_allocator", lambda: None)
     if not hasattr(ctypes.CDLL(None), "mallopt"):
         pytest.skip("no glibc mallopt here")
     d = hardware.apply_allocator_setting(Hardware("cpu", cores=2))
     assert d.value == "mmap threshold 8 MiB" and "MALLOC_MMAP_THRESHOLD_" in d.reason
 
 
-def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch):
+def _fake_libc(monkeypatch, calls):
+    """hardware._libc answering malloc_trim and tcmalloc's ReleaseFreeMemory with recorders."""
+    import threading
+
+    fakes = {
+        "malloc_trim": lambda pad: calls.append(("malloc_trim", pad, threading.get_ident())),
+        "MallocExtension_ReleaseFreeMemory": lambda: calls.append(("tcmalloc", 0, threading.get_ident())),
+    }
+    monkeypatch.setattr(hardware, "_libc", lambda name, *a: fakes.get(name) or pytest.fail(f"{name} called"))
+
+
+@pytest.mark.parametrize(("value", "call"), [(hardware.TUNED_ALLOCATOR, "malloc_trim"), ("tcmalloc", "tcmalloc")])
+def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch, value, call):
     import threading
     import time
 
     calls = []
-    monkeypatch.setattr(hardware, "_malloc_trim", lambda: lambda pad: calls.append((pad, threading.get_ident())))
-    tuned = hardware.Decision(hardware.TUNED_ALLOCATOR, "")
-    with hardware.trimming_heap(tuned, interval_s=0.01) as on:
+    _fake_libc(monkeypatch, calls)
+    with hardware.trimming_heap(hardware.Decision(value, ""), interval_s=0.01) as on:
         assert on is True
         time.sleep(0.2)
     during = len(calls)
     assert during >= 3  # from the background thread, while the block ran
-    assert calls[-1] == (0, threading.get_ident())  # and once more when it ended, from this thread
+    assert {c[:2] for c in calls} == {(call, 0)}
+    assert calls[-1][2] == threading.get_ident()  # and once more when it ended, from this thread
     assert not any(t.name == "kubetune-heap-trim" for t in threading.enumerate())
     time.sleep(0.05)
     assert len(calls) == during  # nothing after the block
 
 
-@pytest.mark.parametrize("value", ["default", "environment", "preloaded"])
+@pytest.mark.parametrize("value", ["default", "environment", "jemalloc", "mimalloc"])
 def test_heap_is_left_alone_where_kubetune_does_not_manage_malloc(monkeypatch, value):
-    monkeypatch.setattr(hardware, "_malloc_trim", lambda: pytest.fail("malloc_trim must not be called"))
+    monkeypatch.setattr(hardware, "_libc", lambda *a: pytest.fail("no release call may be looked up"))
     with hardware.trimming_heap(hardware.Decision(value, "")) as on:
         assert on is False
 
@@ -161,20 +174,101 @@ def test_heap_trimming_with_the_real_glibc():
 
 
 @pytest.mark.parametrize(
-    ("env", "hw", "expected"),
+    ("env", "loaded", "hw", "expected"),
     [
-        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, Hardware("cpu"), "environment"),
-        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, Hardware("cpu"), "preloaded"),
-        ({}, Hardware("cuda", cuda_name="L4", cuda_bf16=True), "default"),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, None, Hardware("cpu"), "environment"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+         Hardware("cpu"), "jemalloc"),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "/opt/lib/libtcmalloc_minimal.so.4.5.10", Hardware("cpu"), "tcmalloc"),
+        ({}, None, Hardware("cuda", cuda_name="L4", cuda_bf16=True), "default"),
     ],
-    ids=["user-threshold", "jemalloc", "gpu"],
-)
-def test_allocator_is_left_alone_where_it_should_be(monkeypatch, env, hw, expected):
+    ids=["user-threshold", "jemalloc", "tcmalloc-before-threshold", "gpu"],
+)  # fmt: skip
+def test_allocator_is_left_alone_where_it_should_be(monkeypatch, env, loaded, hw, expected):
     import ctypes
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(hardware, "loaded_allocator", lambda: loaded)
     monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
-    assert hardware.apply_allocator_setting(hw).value == expected
+    d = hardware.apply_allocator_setting(hw)
+    assert d.value == expected
+    if loaded:
+        assert loaded in d.reason and "preloaded by the environment" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("named", "ours"),
+    [
+        ("{dir}/libtcmalloc_minimal.so.4", True),  # the path kubetune preloaded, a link to the mapped file
+        ("libtcmalloc_minimal.so.4", True),  # a bare name, searched by the loader (as the CPU image sets it)
+        ("{dir}/other/libtcmalloc_minimal.so.4", False),  # a different file
+        ("", False),  # the user's LD_PRELOAD
+    ],
+)
+def test_allocator_decision_names_kubetunes_own_preload(monkeypatch, tmp_path, named, ours):
+    mapped = tmp_path / "libtcmalloc_minimal.so.4.5.10"
+    mapped.write_bytes(b"")
+    (tmp_path / "libtcmalloc_minimal.so.4").symlink_to(mapped.name)
+    monkeypatch.setattr(hardware, "loaded_allocator", lambda: str(mapped))
+    monkeypatch.setenv(hardware.PRELOADED_BY_ENV, named.format(dir=tmp_path))
+    d = hardware.apply_allocator_setting(Hardware("cpu"))
+    assert d.value == "tcmalloc" and str(mapped) in d.reason
+    if ours:
+        assert "preloaded by kubetune" in d.reason and "KUBETUNE_ALLOCATOR=system" in d.reason
+    else:
+        assert "preloaded by the environment (LD_PRELOAD)" in d.reason
+
+
+def _library_dir(tmp_path, name="libtcmalloc_minimal.so.4"):
+    folder = tmp_path / "lib"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_preload_env_finds_tcmalloc_in_ld_library_path_first(tmp_path):
+    folder = _library_dir(tmp_path)
+    env = hardware.allocator_preload_env({"LD_LIBRARY_PATH": f"/nonexistent:{folder}", "LD_PRELOAD": "libfoo.so"})
+    lib = str(folder / "libtcmalloc_minimal.so.4")
+    assert env["LD_PRELOAD"] == f"{lib} libfoo.so"  # kubetune's first, the user's kept
+    assert env[hardware.PRELOADED_BY_ENV] == lib
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    # the full gperftools build's name works too
+    (tmp_path / "full").mkdir()
+    other = _library_dir(tmp_path / "full", "libtcmalloc.so.4")
+    assert hardware.find_tcmalloc({"LD_LIBRARY_PATH": str(other)}) == str(other / "libtcmalloc.so.4")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KUBETUNE_ALLOCATOR": "system"},
+        {"KUBETUNE_ALLOCATOR": "auto", "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+        {"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"},  # already preloaded: no restart loop
+    ],
+    ids=["system", "user-jemalloc", "already"],
+)
+def test_preload_env_leaves_the_process_alone(tmp_path, env):
+    folder = _library_dir(tmp_path)
+    assert hardware.allocator_preload_env({**env, "LD_LIBRARY_PATH": str(folder)}) is None
+
+
+def test_preload_env_without_tcmalloc(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "find_tcmalloc", lambda env=None: None)
+    assert hardware.allocator_preload_env({}) is None  # auto: the C library's malloc, tuned by the train stage
+    with pytest.raises(UserError, match=r"KUBETUNE_ALLOCATOR=tcmalloc, but no libtcmalloc_minimal.so.4.*apt-get"):
+        hardware.allocator_preload_env({"KUBETUNE_ALLOCATOR": "tcmalloc"})
+    with pytest.raises(UserError, match=r"KUBETUNE_ALLOCATOR='jemalloc' is not an allocator choice: use auto"):
+        hardware.allocator_preload_env({"KUBETUNE_ALLOCATOR": "jemalloc"})
+
+
+def test_loaded_allocator_reads_this_process_maps():
+    """pytest runs on the C library's malloc (nothing preloaded it), so nothing is found; a real preload is checked
+    end to end through the CLI (tests/integration)."""
+    import os
+
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc", "mimalloc")):
+        pytest.skip("this pytest runs under a preloaded allocator")
+    assert hardware.loaded_allocator() is None
