@@ -339,8 +339,8 @@ def apply_allocator_setting(hw: Hardware) -> Decision:
         name = _allocator_name(lib)
         if _same_library(os.environ.get(PRELOADED_BY_ENV, ""), lib):
             how = (
-                f"preloaded by kubetune ({ALLOCATOR_ENV}=auto finds it installed; measured 1.10x the tokens/s of glibc's "
-                f"malloc, 0.82-0.90x the peak RSS); {ALLOCATOR_ENV}=system turns it off"
+                f"preloaded by kubetune ({ALLOCATOR_ENV}=auto finds it installed; measured 1.10x the tokens/s "
+                f"of glibc's malloc, 0.82-0.90x the peak RSS); {ALLOCATOR_ENV}=system turns it off"
             )
         else:
             how = "preloaded by the environment (LD_PRELOAD)"
