@@ -365,7 +365,10 @@ def _restart_under_allocator(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, **changes})
+    try:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **changes})
+    except OSError as err:  # carry on where we are: the C library's malloc, which the train stage tunes
+        print(f"kubetune: warning: could not restart under {changes['LD_PRELOAD']}: {err}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

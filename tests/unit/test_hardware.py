@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,51 @@ def test_loaded_allocator_reads_this_process_maps():
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc", "mimalloc")):
         pytest.skip("this pytest runs under a preloaded allocator")
     assert hardware.loaded_allocator() is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "restarts"),
+    [
+        (["train", "-c", "x.yaml"], True),
+        (["run", "-c", "x.yaml"], True),
+        (["evaluate"], True),
+        (["generate", "-p", "hi"], True),
+        (["pipeline", "run", "--local", "-c", "x.yaml"], True),
+        (["pipeline", "compile"], False),  # no model in this process
+        (["prepare", "-c", "x.yaml"], False),
+        (["config", "--explain"], False),
+        ([], False),
+    ],
+)
+def test_the_cli_restarts_under_tcmalloc_only_for_commands_that_load_a_model(monkeypatch, tmp_path, argv, restarts):
+    from kubetune import cli
+
+    folder = _library_dir(tmp_path)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(folder))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(hardware.ALLOCATOR_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    cli._restart_under_allocator(argv)
+    if not restarts:
+        assert calls == []
+        return
+    (path, args, env), *more = calls
+    assert not more and path == sys.executable and args == sys.orig_argv  # same command line and interpreter flags
+    assert env["LD_PRELOAD"] == str(folder / "libtcmalloc_minimal.so.4") and env["LD_LIBRARY_PATH"] == str(folder)
+
+
+def test_the_cli_carries_on_where_it_cannot_restart(monkeypatch, tmp_path, capsys):
+    from kubetune import cli
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(_library_dir(tmp_path)))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(hardware.ALLOCATOR_ENV, raising=False)
+
+    def refuse(*_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.os, "execve", refuse)
+    cli._restart_under_allocator(["train"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kubetune: warning: could not restart under ") and "Permission denied" in err
