@@ -210,10 +210,11 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     # Trainer's autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
     from peft.helpers import disable_input_dtype_casting
 
-    from kubetune import dropout, layers, lmhead
+    from kubetune import dropout, gemm, layers, lmhead
 
     dropout.install(model)
     lean = layers.install(model, linear4bit=spec.get("lean_4bit", True))
+    gemm.install(model, spec["batch"] * spec["seq"])  # as the train stage, where frozen bf16 layers gain from a split
     bf16 = spec["rest_dtype"] == "bf16"
     train_bytes = weight_bytes(model)
     hwm_reset = common.reset_vm_hwm()

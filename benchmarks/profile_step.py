@@ -9,8 +9,9 @@ ids. ``--lm-head chunked`` (the default, what kubetune's train stage does on CPU
 :class:`kubetune.lmhead.TokenChunkedLogProb`; ``--lm-head trl`` keeps TRL's vocabulary-tiled CPU path.
 ``--dropout-sampler bulk`` (the default, as on CPU) draws the LoRA dropout masks with :mod:`kubetune.dropout`,
 ``torch`` with PEFT's ``nn.Dropout``. ``--lean-layers on`` (the default, as on CPU) routes the RMSNorm and MLP
-modules through :mod:`kubetune.layers`. In bf16 the step runs under autocast with PEFT's cast of the LoRA inputs to
-the fp32 adapter turned off, as the train stage runs it. Prints the
+modules through :mod:`kubetune.layers`; ``--split-gemms on`` (the default, as on CPU) times the frozen layers' GEMM
+shapes and splits those that gain (:mod:`kubetune.gemm`). In bf16 the step runs under autocast with PEFT's
+cast of the LoRA inputs to the fp32 adapter turned off, as the train stage runs it. Prints the
 step time, the profiler's top operators by self time, and the share of the step in matmuls, attention, the LM head
 and element-wise work: the numbers that say which lever can still pay and what bounds the step on this machine.
 """
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--lm-head", choices=("chunked", "trl"), default="chunked")
     p.add_argument("--dropout-sampler", choices=("bulk", "torch"), default="bulk")
     p.add_argument("--lean-layers", choices=("on", "off"), default="on")
+    p.add_argument("--split-gemms", choices=("on", "off"), default="on")
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--batch", type=int, default=2, help="rows per pass (the train stage's CPU micro-batch: 2)")
     p.add_argument("--max-length", type=int, default=512)
@@ -76,6 +78,10 @@ def main(argv=None) -> int:
         from kubetune import layers
 
         layers.install(model)
+    if args.split_gemms == "on":  # what the train stage does on CPU (kubetune.gemm): timed per layer shape
+        from kubetune import gemm
+
+        gemm.install(model, args.batch * args.max_length)
     optim = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.max_length), generator=gen)

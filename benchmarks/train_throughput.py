@@ -73,6 +73,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "micro_batch_size=2": {"overrides": {"train.micro_batch_size": 2}},
     "micro_batch_size=1": {"overrides": {"train.micro_batch_size": 1}},
     "lean_layers=off": {"overrides": {"train.lean_layers": "off"}, "eval": True},
+    "split_gemms=off": {"overrides": {"train.split_gemms": "off"}},
     "logging_steps=10": {"overrides": {"train.logging_steps": 10}},
     # inductor compiles on one thread: low CPU use is its nature there, not a neighbour's doing, so no retry
     "compile=true": {"overrides": {"train.compile": True}, "retries": 0},
@@ -101,6 +102,7 @@ DEFAULT_LEVERS = [
     "threads=1",
     "compile=true",
     "allocator=system (glibc malloc)",
+    "split_gemms=off",
     "micro_batch_size=4 (whole batch per pass)",
     "micro_batch_size=2",
     "lean_layers=off",

@@ -495,6 +495,7 @@ def _settings(cfg: Config, hw: hardware.Hardware, model_config, row_len: int) ->
         "lm_head": choose_lm_head(cfg, hw),
         "dropout_sampler": choose_dropout_sampler(cfg, hw),
         "lean_layers": choose_lean_layers(cfg, hw),
+        "split_gemms": choose_split_gemms(cfg, hw),
     }
 
 
@@ -554,6 +555,23 @@ def choose_lean_layers(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
             "less activation memory",
         ),
         gpu=("off", "GPU: memory bandwidth makes element-wise work cheap there"),
+    )
+
+
+def choose_split_gemms(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
+    """The frozen base layers' GEMMs as they are, or split in column blocks where timing says so (``kubetune.gemm``)."""
+    if cfg.train.split_gemms == "auto" and cfg.train.ipex:
+        return hardware.Decision("off", "train.ipex: IPEX replaces the linear layers with its own")
+    return _by_device(
+        hw,
+        "train.split_gemms",
+        cfg.train.split_gemms,
+        cpu=(
+            "on",
+            "CPU: each frozen layer shape timed as one GEMM and as 2-4 column blocks at the pass's token count; a "
+            "split kept where it is 1.15x faster (some shapes get a poor blocking from the GEMM library)",
+        ),
+        gpu=("off", "GPU: cuBLAS picks its kernels per shape"),
     )
 
 
@@ -843,6 +861,20 @@ def _train_into(
             lean["norms"],
             lean["mlps"],
             lean["linear4bit"],
+        )
+    if settings["split_gemms"].value == "on":
+        from kubetune import gemm
+
+        tokens_per_pass = settings["micro_batch_size"].value * row_len
+        split = summary["split_gemms"] = gemm.install(trainer.model, tokens_per_pass)
+        log.info(
+            "split GEMMs: %d frozen linear layers routed (%s)",
+            split["layers"],
+            "; ".join(
+                f"{shape}: forward {p['forward_blocks']}, input gradient {p['backward_blocks']} blocks"
+                for shape, p in split["plans"].items()
+            )
+            or "no frozen linear layers",
         )
     from transformers.trainer_callback import PrinterCallback
 

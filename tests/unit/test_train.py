@@ -238,9 +238,14 @@ def test_training_summary_records_the_run(workspace, tmp_path):
         "lm_head",
         "dropout_sampler",
         "lean_layers",
+        "split_gemms",
         "allocator",
     }
     assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
+    # on CPU every distinct frozen layer shape was timed; whichever split won, the plans say so and why
+    assert s["settings"]["split_gemms"]["value"] == "on"
+    plans = s["split_gemms"]["plans"]
+    assert plans and all("1" in p["forward_ms"] and str(p["forward_blocks"]) in p["forward_ms"] for p in plans.values())
     assert s["settings"]["dropout_sampler"] == {"value": "torch", "reason": "lora.dropout is 0: no masks to draw"}
     allocators = ("mmap threshold 8 MiB", "environment", "default", "tcmalloc", "jemalloc", "mimalloc")
     assert s["settings"]["allocator"]["value"] in allocators
@@ -292,6 +297,19 @@ def test_lean_layers_decision(tmp_path, device, train_cfg, lean):
     hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
     got = train_mod.choose_lean_layers(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
     assert got.value == lean and got.reason
+
+
+@pytest.mark.parametrize(
+    ("device", "train_cfg", "split"),
+    [("cpu", {}, "on"), ("cuda", {}, "off"), ("cpu", {"split_gemms": "off"}, "off"), ("cpu", {"ipex": True}, "off")],
+    ids=["cpu-auto", "gpu-auto", "cpu-set", "ipex"],
+)
+def test_split_gemms_decision(tmp_path, device, train_cfg, split):
+    from kubetune.hardware import Hardware
+
+    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
+    got = train_mod.choose_split_gemms(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
+    assert got.value == split and got.reason
 
 
 @pytest.mark.parametrize(
