@@ -130,6 +130,7 @@ def _split_forward(module: torch.nn.Linear, plan: Plan):
             or x.dim() < 2
             or args
             or kwargs
+            or torch.compiler.is_compiling()  # under torch.compile (train.compile) inductor plans the GEMMs itself
         ):
             return type(module).forward(module, x, *args, **kwargs)  # a call the plan was not made for: torch's own
         return SplitLinearFunction.apply(x, w, module.bias, plan)

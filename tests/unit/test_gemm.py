@@ -156,6 +156,10 @@ def test_calls_the_plan_was_not_made_for_take_torchs_path(monkeypatch):
         assert lin(fp32).dtype == torch.float16
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the weight's: split
         lin(fp32)
+    compiling = torch.compiler.is_compiling
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced by torch.compile: inductor's GEMMs
+    lin(bf16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", compiling)
     lin.weight.requires_grad_(True)  # a trained weight: its gradient is torch's business
     lin(bf16)
     assert seen == [gemm.Plan(2, 1)] * 2
