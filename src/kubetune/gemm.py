@@ -32,6 +32,7 @@ BLOCKS = (1, 2, 3, 4)  # output column blocks tried for each GEMM
 MIN_GAIN = 1.15  # a split is kept only when it times at least this much faster than one GEMM (noise margin)
 MIN_BLOCK_COLUMNS = 64  # narrower blocks are not tried: tile units work in 16-32 column steps
 _WARMUP, _REPEATS = 3, 9  # timed calls per candidate (the median counts)
+_SLOW_CALL_S, _SLOW_REPEATS = 0.02, 3  # a GEMM slower than this (a 7B layer) is timed fewer times: its noise is smaller
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -64,10 +65,14 @@ def matmul_blocks(a: torch.Tensor, b: torch.Tensor, blocks: int, out: torch.Tens
 
 def _median_seconds(fn, blocks: int) -> float:
     """Median seconds of ``fn()`` (the ``blocks`` it runs are for timers that stand in for this one in tests)."""
-    for _ in range(_WARMUP):
+    fn()  # the first call also builds the library's kernel for the shape
+    t0 = time.perf_counter()
+    fn()
+    slow = time.perf_counter() - t0 > _SLOW_CALL_S
+    for _ in range(0 if slow else _WARMUP - 2):
         fn()
     times = []
-    for _ in range(_REPEATS):
+    for _ in range(_SLOW_REPEATS if slow else _REPEATS):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

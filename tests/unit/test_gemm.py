@@ -163,3 +163,14 @@ def test_calls_the_plan_was_not_made_for_take_torchs_path(monkeypatch):
     lin.weight.requires_grad_(True)  # a trained weight: its gradient is torch's business
     lin(bf16)
     assert seen == [gemm.Plan(2, 1)] * 2
+
+
+def test_the_timer_times_slow_gemms_fewer_times(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gemm, "_SLOW_CALL_S", 0.0)  # every call counts as slow
+    gemm._median_seconds(lambda: calls.append(1), 1)
+    assert len(calls) == 2 + gemm._SLOW_REPEATS
+    calls.clear()
+    monkeypatch.setattr(gemm, "_SLOW_CALL_S", 1e9)
+    gemm._median_seconds(lambda: calls.append(1), 1)
+    assert len(calls) == gemm._WARMUP + gemm._REPEATS
