@@ -540,38 +540,41 @@ def choose_dropout_sampler(cfg: Config, hw: hardware.Hardware) -> hardware.Decis
     )
 
 
+def _cpu_layer_rewrite(
+    cfg: Config, hw: hardware.Hardware, key: str, *, cpu: str, gpu: str, ipex: str
+) -> hardware.Decision:
+    """``on`` for CPU and ``off`` for GPU (with these reasons) unless ``train.<key>`` says otherwise; ``off`` under
+    ``train.ipex``, which replaces these layers with its own."""
+    requested = getattr(cfg.train, key)
+    if requested == "auto" and cfg.train.ipex:
+        return hardware.Decision("off", f"train.ipex: {ipex}")
+    return _by_device(hw, f"train.{key}", requested, cpu=("on", cpu), gpu=("off", gpu))
+
+
 def choose_lean_layers(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
     """transformers' RMSNorm and SiLU-gated MLP, or kubetune's leaner versions of them (``kubetune.layers``)."""
-    if cfg.train.lean_layers == "auto" and cfg.train.ipex:
-        return hardware.Decision("off", "train.ipex: IPEX replaces these layers with its own")
-    return _by_device(
+    return _cpu_layer_rewrite(
+        cfg,
         hw,
-        "train.lean_layers",
-        cfg.train.lean_layers,
-        cpu=(
-            "on",
-            "CPU: RMSNorm keeping only its bf16 input for backward (not two fp32 copies of the hidden state), the "
-            "MLP's SiLU product formed in place, 4-bit weights dequantised into one reused buffer; same outputs, "
-            "less activation memory",
-        ),
-        gpu=("off", "GPU: memory bandwidth makes element-wise work cheap there"),
+        "lean_layers",
+        cpu="CPU: RMSNorm keeping only its bf16 input for backward (not two fp32 copies of the hidden state), the "
+        "MLP's SiLU product formed in place, 4-bit weights dequantised into one reused buffer; same outputs, "
+        "less activation memory",
+        gpu="GPU: memory bandwidth makes element-wise work cheap there",
+        ipex="IPEX replaces these layers with its own",
     )
 
 
 def choose_split_gemms(cfg: Config, hw: hardware.Hardware) -> hardware.Decision:
     """The frozen base layers' GEMMs as they are, or split in column blocks where timing says so (``kubetune.gemm``)."""
-    if cfg.train.split_gemms == "auto" and cfg.train.ipex:
-        return hardware.Decision("off", "train.ipex: IPEX replaces the linear layers with its own")
-    return _by_device(
+    return _cpu_layer_rewrite(
+        cfg,
         hw,
-        "train.split_gemms",
-        cfg.train.split_gemms,
-        cpu=(
-            "on",
-            "CPU: each frozen layer shape timed as one GEMM and as 2-4 column blocks at the pass's token count; a "
-            "split kept where it is 1.15x faster (some shapes get a poor blocking from the GEMM library)",
-        ),
-        gpu=("off", "GPU: cuBLAS picks its kernels per shape"),
+        "split_gemms",
+        cpu="CPU: each frozen layer shape timed as one GEMM and as 2-4 column blocks at the pass's token count; a "
+        "split kept where it is 1.15x faster (some shapes get a poor blocking from the GEMM library)",
+        gpu="GPU: cuBLAS picks its kernels per shape",
+        ipex="IPEX replaces the linear layers with its own",
     )
 
 

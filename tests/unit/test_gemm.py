@@ -3,10 +3,9 @@ only where timing says so."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from test_layers import _tiny_llama, assert_same_logits_and_adapter_grads, lora_llama_pair  # on sys.path
 
 from kubetune import gemm
 
@@ -82,34 +81,10 @@ def _two_blocks_win(fn, blocks):
     return {1: 1.0, 2: 0.5}.get(blocks, 0.9)
 
 
-def _llama(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # k and v: 64 outputs, too narrow to split; their input gradient (128) is not
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_install_on_a_lora_llama_keeps_its_outputs_and_adapter_gradients(dtype):
-    from peft import LoraConfig, get_peft_model
-
-    base = _llama(dtype)
-    split = copy.deepcopy(base)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    models = []
-    for m in (base, split):
-        torch.manual_seed(4)
-        models.append(get_peft_model(m, copy.deepcopy(cfg)).train())
-    ref, mod = models
+    # 4 heads of 32, 2 key-value heads: k and v have 64 outputs, too narrow to split; their input gradient (128) is not
+    ref, mod = lora_llama_pair(dtype, ["q_proj", "v_proj"], hidden=128, intermediate=256)
     got = gemm.install(mod, rows=16, timer=_two_blocks_win)
     # every frozen linear layer of the 2 decoder layers (q, k, v, o, gate, up, down); not the LM head, not the adapter
     assert got["layers"] == 2 * 7
@@ -120,21 +95,11 @@ def test_install_on_a_lora_llama_keeps_its_outputs_and_adapter_gradients(dtype):
     assert "forward" not in vars(mod.get_output_embeddings())
     assert not any(getattr(m, "_kubetune_split_plan", None) for n, m in mod.named_modules() if "lora_" in n)
     assert gemm.install(mod, rows=16, timer=_two_blocks_win)["layers"] == 2 * 7  # idempotent
-    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(5))
-    out_ref, out_mod = ref(input_ids=ids, labels=ids), mod(input_ids=ids, labels=ids)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out_mod.logits, out_ref.logits, rtol=tol, atol=tol)
-    out_ref.loss.backward()
-    out_mod.loss.backward()
-    named = zip(ref.named_parameters(), mod.named_parameters(), strict=True)
-    pairs = [(p1, p2) for (_, p1), (_, p2) in named if p1.requires_grad]
-    assert pairs and all(p2.grad is not None for _, p2 in pairs)
-    for p1, p2 in pairs:
-        torch.testing.assert_close(p2.grad, p1.grad, rtol=tol * 5, atol=tol)
+    assert_same_logits_and_adapter_grads(ref, mod, dtype)
 
 
 def test_install_leaves_layers_alone_where_one_gemm_is_fastest():
-    model = _llama(torch.bfloat16).requires_grad_(False)
+    model = _tiny_llama(torch.bfloat16, hidden=128, intermediate=256).requires_grad_(False)
     got = gemm.install(model, rows=16, timer=lambda fn, blocks: 1.0)  # every candidate ties: one GEMM
     assert got["layers"] == 0 and got["plans"]
     assert all(p["forward_blocks"] == p["backward_blocks"] == 1 for p in got["plans"].values())

@@ -77,12 +77,12 @@ def test_silu_mul_matches_autograd(dtype):
     torch.testing.assert_close(g2.grad, g1.grad, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
 
 
-def _tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
+def _tiny_llama(dtype=torch.float32, hidden: int = 32, intermediate: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(3)
     config = LlamaConfig(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -97,18 +97,27 @@ def _tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_install_on_a_llama_keeps_its_outputs_and_gradients(dtype):
-    from peft import LoraConfig, get_peft_model
-
-    base = _tiny_llama(dtype)
-    lean = copy.deepcopy(base)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
-    models = []
-    for m in (base, lean):
-        torch.manual_seed(4)
-        models.append(get_peft_model(m, copy.deepcopy(cfg)).train())
-    ref, mod = models
+    ref, mod = lora_llama_pair(dtype, "all-linear")
     assert layers.install(mod) == {"norms": 5, "mlps": 2, "linear4bit": 0}  # 2 layers x 2 norms + the final norm
     assert layers.install(mod) == {"norms": 5, "mlps": 2, "linear4bit": 0}  # idempotent
+    assert_same_logits_and_adapter_grads(ref, mod, dtype)
+
+
+def lora_llama_pair(dtype, target_modules, **llama) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two equal LoRA Llamas (the same base and adapter weights) in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    base = _tiny_llama(dtype, **llama)
+    twin = copy.deepcopy(base)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules, init_lora_weights=False)
+    models = []
+    for m in (base, twin):
+        torch.manual_seed(4)
+        models.append(get_peft_model(m, copy.deepcopy(cfg)).train())
+    return models[0], models[1]
+
+
+def assert_same_logits_and_adapter_grads(ref: torch.nn.Module, mod: torch.nn.Module, dtype: torch.dtype) -> None:
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(5))
     out_ref = ref(input_ids=ids, labels=ids)
     out_mod = mod(input_ids=ids, labels=ids)
@@ -118,7 +127,7 @@ def test_install_on_a_llama_keeps_its_outputs_and_gradients(dtype):
     out_mod.loss.backward()
     named = zip(ref.named_parameters(), mod.named_parameters(), strict=True)
     pairs = [(p1, p2) for (_, p1), (_, p2) in named if p1.requires_grad]
-    assert pairs
+    assert pairs and all(p2.grad is not None for _, p2 in pairs)
     for p1, p2 in pairs:
         torch.testing.assert_close(p2.grad, p1.grad, rtol=tol * 5, atol=tol)
 
