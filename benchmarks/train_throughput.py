@@ -727,8 +727,9 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         **extra,
     ) -> dict[str, Any]:
         spec = {**base_spec, "name": _slug(name), "arm": arm, "warmup": warmup, "steps": steps, **extra}
-        if arm == "kubetune":  # started as the `kubetune` command starts its training process
-            env = {**(hardware.allocator_preload_env({**os.environ, **(env or {})}) or {}), **(env or {})}
+        if arm == "kubetune":  # started as the `kubetune` command starts its training process (a lever's env on top)
+            lever_env = env or {}
+            env = {**(hardware.allocator_preload_env({**os.environ, **lever_env}) or {}), **lever_env}
         spec["eval_rows"] = eval_rows
         retries = args.retries if retries is None else retries
         for attempt in range(1 + retries):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -251,8 +252,6 @@ _TCMALLOC_QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}
 def find_tcmalloc(environ: dict[str, str] | None = None) -> str | None:
     """Path of an installed tcmalloc (``libtcmalloc-minimal4`` on Debian/Ubuntu, ``gperftools`` elsewhere, or in
     this Python's prefix as conda installs it), searched in ``LD_LIBRARY_PATH`` first; None where there is none."""
-    import sys
-
     env = os.environ if environ is None else environ
     dirs = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d]
     dirs += [os.path.join(sys.prefix, "lib"), *_LIBRARY_DIRS]
@@ -269,8 +268,6 @@ def allocator_preload_env(environ: dict[str, str] | None = None) -> dict[str, st
     large-allocation report), or None where it should start as it is: ``KUBETUNE_ALLOCATOR=system``, an allocator
     already preloaded (kubetune's or the user's), not Linux, or (with ``auto``, the default) no tcmalloc installed.
     ``KUBETUNE_ALLOCATOR=tcmalloc`` makes a missing tcmalloc an error; any other value is one."""
-    import sys
-
     from kubetune.errors import UserError
 
     env = os.environ if environ is None else environ
