@@ -44,6 +44,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import shutil
 import statistics
 import time
@@ -88,6 +89,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "MALLOC_TRIM_THRESHOLD_=1 GiB": {"overrides": {}, "env": {**GLIBC, "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}},
     # The baseline recipe with one change, to separate dtype from everything else.
     "baseline + bf16=False": {"arm": "baseline", "baseline_bf16": False},
+    # The recipe on the tcmalloc that kubetune preloads (a user could preload it too): how much of the gap between
+    # the arms is the allocator alone. Glibc's malloc hands the recipe's large buffers back to the kernel, and every
+    # step faults them in again (the page_faults_per_step field).
+    "baseline + tcmalloc": {"arm": "baseline", "tcmalloc": True},
 }
 DEFAULT_LEVERS = [
     "precision=bf16",
@@ -102,6 +107,7 @@ DEFAULT_LEVERS = [
     "threads=1",
     "compile=true",
     "allocator=system (glibc malloc)",
+    "baseline + tcmalloc",
     "split_gemms=off",
     "micro_batch_size=4 (whole batch per pass)",
     "micro_batch_size=2",
@@ -123,8 +129,10 @@ class Probe:
         self.batch_attn_pairs: list[int] = []
         self.step_end: list[float] = []
         self.step_cpu: list[float] = []
+        self.step_faults: list[int] = []  # minor page faults of this process, at each step's end
         self.train_begin: float | None = None
         self.train_begin_cpu: float | None = None
+        self.train_begin_faults: int | None = None
         self.hwm_reset = False
         self.vm_hwm_train: int | None = None
         self.vm_hwm_load: int | None = None
@@ -162,6 +170,11 @@ class CountingCollator:
         return batch
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (each one a page the kernel mapped in, zeroed if it was new)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def instrument(probe: Probe) -> None:
     """Patch ``trl.SFTTrainer.__init__`` so that both arms are measured by the very same hooks."""
     import torch
@@ -177,12 +190,14 @@ def instrument(probe: Probe) -> None:
                 torch.cuda.reset_peak_memory_stats()
             probe.train_begin = time.perf_counter()
             probe.train_begin_cpu = time.process_time()
+            probe.train_begin_faults = _minor_faults()
 
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             probe.step_end.append(time.perf_counter())
             probe.step_cpu.append(time.process_time())
+            probe.step_faults.append(_minor_faults())
 
         def on_train_end(self, args, state, control, **kw):
             probe.vm_hwm_train = common.vm_hwm_bytes()
@@ -448,6 +463,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "shape": _model_shape(model),
             "step_end": [t - probe.train_begin for t in probe.step_end],
             "step_cpu": [t - probe.train_begin_cpu for t in probe.step_cpu],
+            "step_faults": [n - probe.train_begin_faults for n in probe.step_faults],
             "batch_tokens": probe.batch_tokens,
             "batch_loss_tokens": probe.batch_loss_tokens,
             "batch_attn_pairs": probe.batch_attn_pairs,
@@ -456,6 +472,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "train_peak_anon_bytes": probe.rss_train.get("peak_anon_bytes"),
             "peak_gpu_memory_bytes": probe.gpu_peak,
             "torch_threads": torch.get_num_threads(),
+            "malloc": hardware.loaded_allocator(),  # the preloaded malloc's path; None: the C library's
             "grad_accum": int(probe.trainer.args.gradient_accumulation_steps),
             "micro_batch_size": int(probe.trainer.args.per_device_train_batch_size),
         }
@@ -473,6 +490,7 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
     from :func:`apply_peaks`, once every peak measurement of the invocation is in)."""
     r = res.result
     ends, cpu = [0.0, *r["step_end"]], [0.0, *r["step_cpu"]]
+    faults = [0, *r["step_faults"]] if r.get("step_faults") else None
     steps = len(r["step_end"])
     counted = steps - warmup
     if counted < 1:
@@ -515,6 +533,7 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
         "optim": r.get("optim"),
         "lm_head": r.get("lm_head"),
         "threads": threads,
+        "malloc": Path(r["malloc"]).name if r.get("malloc") else "libc",
         "micro_batch_size": r.get("micro_batch_size"),
         "grad_accum": g,
         "warmup_steps": warmup,
@@ -529,6 +548,10 @@ def summarise(name: str, arm: str, res: common.WorkerResult, *, warmup: int) -> 
         "cpu_util": round(cpu_seconds / seconds / threads, 2) if seconds > 0 else None,
         # Throughput per CPU-second used: less sensitive to a neighbour taking cores than tokens/s, not a substitute.
         "tokens_per_cpu_second": round(tokens / cpu_seconds, 1) if cpu_seconds > 0 else None,
+        # Pages the kernel mapped in per counted step: an allocator that hands big buffers back to the kernel
+        # (glibc's, for the baseline) makes every step fault zeroed pages in again; how fast the kernel serves them
+        # moves that arm's speed.
+        "page_faults_per_step": round((faults[steps] - faults[warmup]) / counted) if faults else None,
         # The training run's own peak (imports, loading, training), without the held-out scoring that follows it
         "run_peak_rss_bytes": run_peak,
         "run_peak_rss_gib": common.gib(run_peak),
@@ -780,6 +803,14 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         if overrides and all(k in chosen and chosen[k] == v for k, v in overrides.items()):
             progress(f"train: skipping lever {lever!r}: it is already the automatic choice")
             continue
+        env = opts.get("env")
+        if opts.get("tcmalloc"):
+            # tcmalloc preloaded as the `kubetune` command preloads it, whatever KUBETUNE_ALLOCATOR says here
+            env = hardware.allocator_preload_env({k: v for k, v in os.environ.items() if k != hardware.ALLOCATOR_ENV})
+            if env is None:
+                progress(f"train: skipping lever {lever!r}: no tcmalloc is installed (or an allocator is preloaded)")
+                levers.append({"bench": "train-lever", "name": lever, "error": "no tcmalloc installed to preload"})
+                continue
         try:
             r = one(
                 lever,
@@ -788,7 +819,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
                 args.lever_steps,
                 args.eval_rows if opts.get("eval") else 0,
                 overrides=overrides,
-                env=opts.get("env"),
+                env=env,
                 retries=opts.get("retries"),
                 baseline_bf16=opts.get("baseline_bf16", True),
             )
@@ -805,6 +836,8 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
             if ref["tokens_per_cpu_second"]
             else None
         )
+        if r["arm"] == "baseline":  # a variant of the recipe: kubetune's automatic run against it
+            r["kubetune_vs_this"] = _div(auto["tokens_per_second"], r["tokens_per_second"])
         if r["arm"] == "kubetune":
             base = pairs[0]["baseline"]
             r["vs_baseline"] = _div(r["tokens_per_second"], base["tokens_per_second"])
@@ -875,6 +908,7 @@ TRAIN_COLUMNS = [
     ("optim", "optim"),
     ("LM head", "lm_head"),
     ("threads", "threads"),
+    ("malloc", "malloc"),
     ("micro-batch", "micro_batch_size"),
     ("steps", "counted_steps"),
     ("tokens/s", "tokens_per_second"),
@@ -882,6 +916,7 @@ TRAIN_COLUMNS = [
     ("s/step", "s_per_step"),
     ("CPU use", "cpu_util"),
     ("tokens/CPU-s", "tokens_per_cpu_second"),
+    ("page faults/step", "page_faults_per_step"),
     ("run peak RSS GiB", "run_peak_rss_gib"),
     ("train RSS GiB", "train_peak_rss_gib"),
     ("peak RSS incl. scoring GiB", "peak_rss_gib"),
@@ -905,6 +940,7 @@ LEVER_COLUMNS = [
     ("reference", "reference"),
     ("vs baseline", "vs_baseline"),
     ("median-step vs baseline", "vs_baseline_median_step"),
+    ("kubetune vs it", "kubetune_vs_this"),
     ("MFU", "mfu"),
     ("held-out loss", "eval_loss"),
     ("warm-up s", "warmup_seconds"),

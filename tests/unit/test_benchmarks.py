@@ -54,7 +54,8 @@ def train_run(tmp_path_factory, tiny_model_dir):
     proc = run_module(
         "train_throughput",
         *("--model", str(tiny_model_dir), "--data", str(data), "--max-length", "64", "--batch", "2"),
-        *("--warmup", "1", "--steps", "2", "--eval-rows", "4", "--levers", "lora.dropout=0", "--lever-steps", "1"),
+        *("--warmup", "1", "--steps", "2", "--eval-rows", "4", "--levers", "lora.dropout=0,baseline + tcmalloc"),
+        *("--lever-steps", "1"),
         *(
             "--out",
             str(out),
@@ -107,6 +108,7 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
             r["flops_per_token"] * r["tokens_per_second"] / (r["peak_gflops"] * 1e9), abs=1e-3
         )
         assert math.isfinite(r["eval_loss"]) and r["eval_tokens"] > 0
+        assert isinstance(r["page_faults_per_step"], int) and r["page_faults_per_step"] >= 0
     # the same base model scored on the same held-out tokens in fp32 by both arms
     assert base["eval_tokens"] == kt["eval_tokens"]
     assert base["base_eval_loss"] == pytest.approx(kt["base_eval_loss"], rel=1e-4)
@@ -116,6 +118,18 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
     )
     lever = by_name(records, "train-lever")["lora.dropout=0"]
     assert lever["reference"] == "kubetune" and lever["counted_steps"] == 1 and lever["vs_reference"] > 0
+    # the recipe runs on the C library's malloc, as a user's script; kubetune as the `kubetune` command starts it
+    # (the baseline worker inherits this test's environment, which preloads nothing)
+    assert not os.environ.get("LD_PRELOAD"), "run the benchmark tests without LD_PRELOAD"
+    tcmalloc = hardware.find_tcmalloc()
+    assert base["malloc"] == "libc"
+    assert kt["malloc"] == (Path(os.path.realpath(tcmalloc)).name if tcmalloc else "libc")
+    on_tcmalloc = by_name(records, "train-lever")["baseline + tcmalloc"]
+    if tcmalloc:  # the recipe preloaded with it, measured against the recipe and against kubetune
+        assert on_tcmalloc["malloc"] == kt["malloc"] and on_tcmalloc["reference"] == "baseline"
+        assert on_tcmalloc["vs_reference"] > 0 and on_tcmalloc["kubetune_vs_this"] > 0
+    else:  # nothing to preload: the lever says so instead of measuring the same run twice
+        assert on_tcmalloc["error"] == "no tcmalloc installed to preload"
     assert "| baseline" in proc.stdout and "### Levers" in proc.stdout
 
 
@@ -142,6 +156,7 @@ def test_summarise_counts_only_batches_of_counted_steps():
     raw = {
         "step_end": [2.0, 3.0, 4.5],
         "step_cpu": [3.0, 5.0, 8.0],
+        "step_faults": [100, 250, 700],
         "batch_tokens": [100, 200, 300, 999],  # the 4th batch was prefetched and never trained on
         "batch_loss_tokens": [50, 100, 150, 999],
         "batch_attn_pairs": [],
@@ -159,6 +174,7 @@ def test_summarise_counts_only_batches_of_counted_steps():
     assert r["flops_per_token"] == 4 * 1000 + 6 * 10 + 4 * 500 * 0.5
     assert r["mfu"] == pytest.approx(r["flops_per_token"] * 200 / 10e9, abs=1e-3)
     assert r["tokens_per_cpu_second"] == pytest.approx(500 / 5.0)
+    assert r["page_faults_per_step"] == (700 - 100) / 2  # over the two counted steps only
 
 
 def test_mfu_uses_the_best_peak_measured_in_the_invocation():
@@ -189,6 +205,17 @@ def test_summarise_sums_the_micro_batches_of_each_optimizer_step():
     assert r["tokens"] == 30 + 40 + 50 + 60 and r["seconds"] == 3.0 and r["grad_accum"] == 2
     # step 2 trained 70 tokens in 1 s, step 3 110 tokens in 2 s
     assert r["tokens_per_second_median_step"] == pytest.approx((70 + 55) / 2)
+
+
+def test_minor_faults_count_the_pages_a_process_maps_in():
+    import mmap
+
+    before = train_throughput._minor_faults()
+    with mmap.mmap(-1, 64 << 20) as region:  # fresh anonymous memory: every page (or huge page) faults on first write
+        for offset in range(0, 64 << 20, 4096):
+            region[offset] = 1
+    # 16384 small pages, or 32 huge ones where the kernel backs the region with transparent huge pages
+    assert train_throughput._minor_faults() - before >= 32
 
 
 def test_summarise_refuses_runs_without_counted_steps():
