@@ -18,7 +18,8 @@ run the script waits (``--quiet-wait``) for other processes to leave the CPUs, a
 
 Measured per run (one JSON line each): tokens/s (real tokens through the model, padding excluded, counted by
 wrapping the trainer's data collator) over the counted steps, and the median step's tokens/s (a neighbour's burst
-slows some steps, never speeds one up), s/step, CPU use and tokens per CPU-second, peak RSS of the training run
+slows some steps, never speeds one up), s/step, CPU use and tokens per CPU-second, minor page faults per counted
+step and the malloc the process ran on, peak RSS of the training run
 (imports, loading and training: VmHWM read before and after its reset when training starts), of the training phase
 alone, and of the whole process (``wait4``; it includes the held-out scoring, which upcasts the model to fp32 and
 builds full logits), MFU, and the held-out loss after training (the same held-out examples of kubetune's packed
@@ -35,7 +36,9 @@ the run computes in: the best square-matmul figure measured in this invocation (
 
 Levers (``--levers``) are kubetune runs with one change each against its automatic settings (and a few
 combinations), shorter (``--lever-warmup``, ``--lever-steps``). A lever that sets what the automatic settings
-already chose on this machine is skipped.
+already chose on this machine is skipped. Two levers change the recipe instead: ``baseline + bf16=False`` and
+``baseline + tcmalloc`` (the recipe on the allocator kubetune preloads; its record carries kubetune's automatic run
+against it, ``kubetune_vs_this``).
 """
 
 from __future__ import annotations
