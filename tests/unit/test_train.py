@@ -286,30 +286,19 @@ def test_head_and_dropout_sampler_decisions(tmp_path, device, train_cfg, dropout
         assert got_sampler.reason == "set in config (train.dropout_sampler)"
 
 
+@pytest.mark.parametrize("key", ["lean_layers", "split_gemms"])  # the two CPU layer rewrites, one rule
 @pytest.mark.parametrize(
-    ("device", "train_cfg", "lean"),
-    [("cpu", {}, "on"), ("cuda", {}, "off"), ("cpu", {"lean_layers": "off"}, "off"), ("cpu", {"ipex": True}, "off")],
+    ("device", "setting", "expected"),
+    [("cpu", "auto", "on"), ("cuda", "auto", "off"), ("cpu", "off", "off"), ("cpu", "ipex", "off")],
     ids=["cpu-auto", "gpu-auto", "cpu-set", "ipex"],
 )
-def test_lean_layers_decision(tmp_path, device, train_cfg, lean):
+def test_cpu_layer_rewrite_decisions(tmp_path, key, device, setting, expected):
     from kubetune.hardware import Hardware
 
     hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
-    got = train_mod.choose_lean_layers(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
-    assert got.value == lean and got.reason
-
-
-@pytest.mark.parametrize(
-    ("device", "train_cfg", "split"),
-    [("cpu", {}, "on"), ("cuda", {}, "off"), ("cpu", {"split_gemms": "off"}, "off"), ("cpu", {"ipex": True}, "off")],
-    ids=["cpu-auto", "gpu-auto", "cpu-set", "ipex"],
-)
-def test_split_gemms_decision(tmp_path, device, train_cfg, split):
-    from kubetune.hardware import Hardware
-
-    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
-    got = train_mod.choose_split_gemms(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
-    assert got.value == split and got.reason
+    train_cfg = {"ipex": True} if setting == "ipex" else {key: setting}
+    got = getattr(train_mod, f"choose_{key}")(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
+    assert got.value == expected and got.reason
 
 
 @pytest.mark.parametrize(
