@@ -384,9 +384,15 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ConfigError(f"config key `{key}`: {value!r} must be <= {hi}")
 
 
+# Messages quote keys between backticks; a backtick in a key from the input is shown escaped so the quote still ends
+# where the key does.
+_ESCAPED = {"`": "\\x60"}
+
+
 def _printable(key: Any) -> str:
-    """A key from the input as it can be shown on one line (line breaks and control characters escaped)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(key))
+    """A key from the input as it can be shown on one line between backticks (line breaks, control characters and
+    backticks escaped)."""
+    return "".join(_ESCAPED.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in str(key))
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -489,7 +495,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set `{item}`: expected KEY=VALUE, e.g. `lora.r=8`")
+            raise ConfigError(f"--set `{_printable(item)}`: expected KEY=VALUE, e.g. `lora.r=8`")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

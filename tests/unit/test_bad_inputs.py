@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kubetune import cli, config
@@ -441,6 +441,8 @@ set_items = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(set_items, max_size=4))
+@example(["`="])  # a backtick key: it must not close the quote around itself
+@example(["a\nb"])  # no `=`, a line break: still one line
 def test_set_overrides_reject_only_with_a_config_error_naming_a_key(items):
     try:
         cfg = config.load(None, items)
