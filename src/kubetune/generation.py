@@ -330,11 +330,35 @@ def generate_texts(
     return answers
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One prompt's answers: ``base`` is the base model's (None for a merged model, or when not asked for),
+    ``tuned`` the adapter's on that base, or the merged model's."""
+
+    prompt: str
+    tuned: str
+    base: str | None = None
+
+
 def generate(
     cfg_model: ModelConfig,
     adapter_or_merged_dir: str | Path,
     prompts: list[str],
+    **kwargs: Any,
+) -> list[str]:
+    """Answer each prompt (a user message) with the adapter on its base, or with a merged model.
+
+    Takes the keyword arguments of :func:`answer`, but ``with_base``; returns the answers in order.
+    """
+    return [a.tuned for a in answer(cfg_model, adapter_or_merged_dir, prompts, with_base=False, **kwargs)]
+
+
+def answer(
+    cfg_model: ModelConfig,
+    adapter_or_merged_dir: str | Path,
+    prompts: list[str],
     *,
+    with_base: bool = True,
     max_new_tokens: int = 64,
     system_prompt: str | None = None,
     raw: bool = False,
@@ -344,8 +368,9 @@ def generate(
     quant: QuantConfig | None = None,
     device: str | None = None,
     threads: int = 0,
-) -> list[str]:
-    """Answer each prompt (a user message) with the adapter on its base, or with a merged model.
+) -> list[Answer]:
+    """Answer each prompt (a user message) with the adapter on its base, or with a merged model, and (``with_base``,
+    for an adapter folder) with the base model alone, from the same loaded weights (the adapter disabled).
 
     ``system_prompt`` is prepended as a system message (use the one the training data had, ``data.system_prompt``).
     ``raw=True`` feeds the prompts as plain text, without the chat template. ``quant`` loads the base quantised, as
@@ -362,19 +387,29 @@ def generate(
         device=device,
         threads=threads,
     )
-    model = loaded.model
-    if loaded.is_adapter and quant is None:
-        model = model.merge_and_unload()  # the same function, one matmul per layer instead of three
     if raw:
         texts = list(prompts)
     else:
         prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
         texts = [render_prompt(loaded.tokenizer, [*prefix, {"role": "user", "content": p}]) for p in prompts]
-    return generate_texts(
-        model,
-        loaded.tokenizer,
-        texts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        add_special_tokens=raw,
-    )
+
+    def run(model, desc: str) -> list[str]:
+        return generate_texts(
+            model,
+            loaded.tokenizer,
+            texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            add_special_tokens=raw,
+            desc=desc,
+        )
+
+    model = loaded.model
+    base: list[str | None] = [None] * len(prompts)
+    if with_base and loaded.is_adapter:
+        with model.disable_adapter():
+            base = list(run(model, "base model"))
+    if loaded.is_adapter and quant is None:
+        model = model.merge_and_unload()  # the same function, one matmul per layer instead of three
+    tuned = run(model, "adapter" if loaded.is_adapter else "merged model")
+    return [Answer(p, t, b) for p, t, b in zip(prompts, tuned, base, strict=True)]

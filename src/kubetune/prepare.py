@@ -335,7 +335,7 @@ def _read(
                 log.info("prepare: data.max_rows=%d reached at %s; the rest of the data is not read", cap, where)
                 break
         st.blank_lines, st.kind = sf.blank_lines, sf.kind  # kind: a .json file may turn out to be JSON Lines
-        if st.rows_read == 0:
+        if st.rows_read == 0 and len(source.files) > 1:  # one empty file alone is the error _require_rows raises
             log.warning("prepare: %s holds no rows", sf.label)
 
 

@@ -190,7 +190,10 @@ def _parse_json_line(raw: bytes, offset: int, lineno: int) -> RawRow | None:
     try:
         return RawRow(lineno, value=json.loads(text.rstrip("\r\n")))  # columns then count within the line
     except json.JSONDecodeError as err:
-        return RawRow(lineno, error=RowError("invalid_json", f"not valid JSON ({err.msg} at column {err.colno})"))
+        return RawRow(
+            lineno,
+            error=RowError("invalid_json", f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"),
+        )
     except RecursionError:
         return RawRow(lineno, error=RowError("invalid_json", "not valid JSON (nested too deeply)"))
     except ValueError as err:  # e.g. an integer longer than Python's digit limit

@@ -1,6 +1,6 @@
 """Chat templates: the fallbacks for tokenizers that have none, and which template a run applies.
 
-The fallbacks live in ``templates/<name>.jinja`` (shipped as package data). Both wrap assistant content
+The fallbacks live in ``chat_templates/<name>.jinja`` (shipped as package data). Both wrap assistant content
 in ``{% generation %}...{% endgeneration %}``, so
 ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)`` yields exactly the loss mask that
 the pack stage computes.
@@ -29,7 +29,7 @@ def fallback_template(name: str) -> str:
     """The Jinja text of a fallback template (``qa`` or ``chatml``)."""
     if name not in FALLBACKS:
         raise UserError(f"config key `pack.fallback_template`: {name!r} is not one of {', '.join(FALLBACKS)}")
-    return resources.files("kubetune").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
+    return resources.files("kubetune").joinpath("chat_templates", f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def has_generation_markers(template: str) -> bool:

@@ -249,4 +249,54 @@ def test_lock_held_by_another_process_is_released_by_kill_9(tmp_path):
     t0 = time.monotonic()
     write_stage(out, "f1", {"a.txt": "one"})
     assert time.monotonic() - t0 < 5 and read_manifest(out)["fingerprint"] == "f1"
-    assert artifacts.lock_holder(out).startswith(f"pid {os.getpid()}")
+    assert not artifacts._lock_path(out).exists()  # the writer that took the lock over removed it when done
+
+
+def test_a_failed_stage_leaves_no_lock_file_and_no_folder_it_created(tmp_path):
+    out = tmp_path / "new" / "deeper" / "prepared"
+    with pytest.raises(ValueError, match="bad input"), stage_output(out, "prepare", "f1", inputs={}, config={}):
+        raise ValueError("bad input")
+    assert not (tmp_path / "new").exists()  # the folders made to hold the lock are gone with it
+    out = tmp_path / "prepared"
+    with pytest.raises(ValueError), stage_output(out, "prepare", "f1", inputs={}, config={}):
+        raise ValueError("bad input")
+    assert list(tmp_path.iterdir()) == []  # no `.prepared.lock`, no temporary folder
+
+
+def test_a_finished_stage_leaves_no_lock_file(tmp_path):
+    out = tmp_path / "prepared"
+    write_stage(out, "f1", {"a.txt": "one"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+_COUNT = """
+import sys, time
+from pathlib import Path
+from kubetune.artifacts import output_lock
+from kubetune.errors import UserError
+out, counter, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+done = 0
+while done < rounds:
+    try:
+        with output_lock(out):
+            n = int(counter.read_text())
+            time.sleep(0.0005)  # widen the window in which a second holder would lose an update
+            counter.write_text(str(n + 1))
+            done += 1
+    except UserError:
+        time.sleep(0.0002)
+"""
+
+
+def test_removing_the_lock_file_keeps_writers_exclusive(tmp_path):
+    """A writer that opened the lock file just before its holder removed it must not lock the removed file and
+    run beside the next holder: three processes increment a counter under the lock; no update may be lost."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _COUNT, str(tmp_path / "out"), str(counter), "400"]) for _ in range(3)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert counter.read_text() == "1200"
+    assert not (tmp_path / ".out.lock").exists()

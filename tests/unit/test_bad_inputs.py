@@ -291,6 +291,7 @@ def check_failure(rc: int, err: str, needle: str, out: Path) -> str:
     # Nothing that the next stage would accept, and no temp folder left behind.
     assert not (out / MANIFEST).exists()
     assert not list(out.parent.glob(out.name + ".tmp-*"))
+    assert not list(out.parent.glob(".*.lock"))  # the one-writer locks go with the process that held them
     return line
 
 
@@ -372,6 +373,36 @@ def test_bad_input_in_a_real_process(case_id, bad, tmp_path):
     others = [ln for ln in r.stderr.splitlines() if ln and not ln.startswith("kubetune: error:")]
     assert all(re.match(r"^\d\d:\d\d:\d\d [DIWE] ", ln) for ln in others), others
     assert r.stdout == ""
+
+
+@pytest.mark.slow
+def test_an_empty_data_file_is_one_line_on_stderr_and_nothing_on_disk(bad, tmp_path):
+    """No warning line ahead of the error that says the same thing: the whole stderr is the one error line."""
+    out = tmp_path / "new" / "prepared"
+    r = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", *prep_data("empty.jsonl")(bad, out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"kubetune: error: {bad['empty.jsonl']}: no rows (the file is empty); point `data.path` at data"
+    ]
+    assert list(tmp_path.iterdir()) == []  # not even the folder that would have held the output
+
+
+def test_a_json_error_names_its_column_in_plain_words(bad, tmp_path, capsys):
+    """json's own messages end in "starting at" for some errors; the column follows without a doubled "at"."""
+    data = tmp_path / "cut.jsonl"
+    data.write_text('{"instruction": "one", "response": "two"}\n{"instruction": "unterminated\n')
+    out = tmp_path / "out"
+    rc = cli.main(prep("--data", str(data))(bad, out))
+    line = check_failure(
+        rc, capsys.readouterr().err, "line 2: not valid JSON (Unterminated string starting at column 17)", out
+    )
+    assert "at at" not in line
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -200,3 +200,42 @@ def test_a_tokenizer_without_chat_template_is_refused_unless_raw(tiny_base_model
 def test_missing_model_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         generation.load(ModelConfig(name_or_path="x"), tmp_path / "nope")
+
+
+def test_answer_gives_the_base_models_and_the_adapters_answers_from_one_load(adapter_dir, tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    prompts = ["hello there", "what is two plus two?"]
+    answers = generation.answer(cfg, adapter_dir, prompts, max_new_tokens=10)
+    assert [a.prompt for a in answers] == prompts
+    # The base model's answers are the base folder's own (loaded as a plain model), the adapter's are generate()'s.
+    assert [a.base for a in answers] == generation.generate(cfg, tiny_model_dir, prompts, max_new_tokens=10)
+    assert [a.tuned for a in answers] == generation.generate(cfg, adapter_dir, prompts, max_new_tokens=10)
+    assert [a.base for a in answers] != [a.tuned for a in answers]  # the perturbed adapter changes the answers
+    assert all(a.base is None for a in generation.answer(cfg, adapter_dir, prompts, with_base=False, max_new_tokens=4))
+
+
+def test_kubetune_generate_prints_both_answers_labelled(adapter_dir, tiny_model_dir, tmp_path, capsys):
+    from kubetune import cli
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    expected = generation.answer(cfg, adapter_dir, ["hi"], max_new_tokens=8)[0]
+    argv = ["generate", "--adapter", str(adapter_dir), "-p", "hi", "--max-new-tokens", "8"]
+    assert cli.main(argv) == 0
+
+    def block(text: str) -> list[str]:
+        return ["  " + line for line in (text or "(empty answer)").splitlines()]
+
+    assert capsys.readouterr().out.splitlines() == [
+        "### hi",
+        "base model:",
+        *block(expected.base),
+        f"adapter ({adapter_dir}):",
+        *block(expected.tuned),
+    ]
+    assert cli.main([*argv, "--no-base"]) == 0
+    out = capsys.readouterr().out
+    assert "base model:" not in out and f"adapter ({adapter_dir}):" in out
+    # A merged model (here: the base folder itself) has no base to compare with: one labelled answer.
+    assert cli.main(["generate", "--adapter", str(tiny_model_dir), "-p", "hi", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "base model:" not in out and f"merged model ({tiny_model_dir}):" in out
