@@ -163,9 +163,49 @@ def gemm_rate(
 ) -> float:
     """Best GFLOP/s over windows of ``seconds`` running every ``(m, k, n)`` matmul of ``shapes`` once per round:
     what the machine attains on a model's own GEMM shapes (smaller than the square peak for small hidden sizes)."""
-    from kubetune.hardware import gemm_gflops
-
     return gemm_gflops(list(shapes), dtype, threads, device=device, seconds=seconds)
+
+
+def gemm_gflops(
+    shapes: list[tuple[int, int, int]],
+    dtype: str,
+    threads: int,
+    *,
+    device: str = "cpu",
+    seconds: float = 0.05,
+    repeats: int = 3,
+) -> float:
+    """Best GFLOP/s running every ``(m, k, n)`` matmul of ``shapes`` once per round, in ``dtype``
+    (``fp32``/``bf16``/``fp16``) on ``threads`` threads (or the GPU), over ``repeats`` windows of ``seconds``: a
+    neighbour's burst lowers single windows, never raises them."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        mats = [
+            (torch.randn(m, k, device=device).to(dt), torch.randn(k, n, device=device).to(dt)) for m, k, n in shapes
+        ]
+        flops = sum(2 * m * k * n for m, k, n in shapes)
+        for a, b in mats:
+            torch.mm(a, b)
+        sync()
+        best = 0.0
+        for _ in range(repeats):
+            rounds, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                for a, b in mats:
+                    torch.mm(a, b)
+                rounds += 1
+                sync()
+            best = max(best, flops * rounds / (time.perf_counter() - t0) / 1e9)
+        return float(f"{best:.4g}")
+    finally:
+        torch.set_num_threads(old)
 
 
 def peak_record(threads: int, when: str, device: str = "cpu") -> dict[str, Any]:

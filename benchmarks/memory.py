@@ -5,15 +5,15 @@
 The model is built from a ``LlamaConfig`` (hidden 2048, 16 layers, intermediate 8192, 32 heads / 8 KV heads,
 vocab 32000, untied head: 1.1B parameters) with random weights, saved once as safetensors in bf16 in the scratch
 folder. Every arm allocates as the train stage does on a CPU unless its name says otherwise: started under tcmalloc
-where it is installed, as the ``kubetune`` command starts (``hardware.allocator_preload_env``), else on glibc's
-malloc with its mmap threshold fixed at 8 MiB (``hardware.apply_allocator_setting``). The arms:
+where it is installed, as the ``kubetune`` command starts (``kubetune.cpu.allocator.allocator_preload_env``), else
+on glibc's malloc with its mmap threshold fixed at 8 MiB (``kubetune.cpu.allocator.apply``). The arms:
 
 - ``lora-bf16``: the base in bf16 through :func:`kubetune.models.load_model`, as the train stage loads it;
 - ``qlora``: exactly what the train stage does for QLoRA at precision bf16 (``train.precision=bf16``, or ``auto`` on
   a CPU with AMX): :func:`~kubetune.models.load_model` with NF4 + double quantisation, bf16 compute and the
   non-quantised parts (embeddings, LM head, norms) in bf16, then :func:`kubetune.models.prepare_kbit_model`;
 - ``qlora (bitsandbytes 4-bit layers)``: ``qlora`` with bitsandbytes' own 4-bit linear forward/backward (a fresh
-  dequantised weight per call) instead of :class:`kubetune.layers.Linear4bitFunction`'s reused buffer;
+  dequantised weight per call) instead of :class:`kubetune.cpu.layers.Linear4bitFunction`'s reused buffer;
 - ``qlora-fp32``: the same at precision fp32 (``auto`` on a CPU without AMX): the non-quantised parts in fp32;
 - ``qlora-peft``: what the train stage did before ``prepare_kbit_model``, for comparison: ``from_pretrained`` as
   transformers loads it (the checkpoint memory-mapped), the non-quantised parts in fp32, then peft's
@@ -61,6 +61,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import BenchError, Recorder, progress
 from kubetune import hardware
+from kubetune.cpu import allocator
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -181,12 +182,12 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     # As the train stage does before loading (a fixed glibc mmap threshold on CPU, unless the environment sets one)
     tuned = spec.get("tune_allocator")
-    decision = hardware.apply_allocator_setting(hardware.detect()) if tuned else hardware.Decision("default", "")
-    allocator = decision.value
+    decision = allocator.apply_allocator_setting(hardware.detect()) if tuned else hardware.Decision("default", "")
+    malloc = decision.value
     rss_imports = common.vm_hwm_bytes()
     whole = common.RssSampler().start()
     t0 = time.perf_counter()
-    with hardware.trimming_heap(decision):  # as the train stage loads (where it tunes the allocator)
+    with allocator.trimming_heap(decision):  # as the train stage loads (where it tunes the allocator)
         model = _load(spec)
         loaded_bytes = weight_bytes(model)
         model = _prepare(spec, model)
@@ -210,7 +211,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     # Trainer's autocast with PEFT's cast of the LoRA inputs to the adapter's dtype turned off.
     from peft.helpers import disable_input_dtype_casting
 
-    from kubetune import dropout, gemm, layers, lmhead
+    from kubetune.cpu import dropout, gemm, layers, lmhead
 
     dropout.install(model)
     lean = layers.install(model, linear4bit=spec.get("lean_4bit", True))
@@ -224,7 +225,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     step_seconds = []
     losses = []
     saved = None if spec.get("checkpointing") else SavedForBackward(model)
-    # the LM head and loss as the train stage computes them on a CPU: kubetune.lmhead's token-chunked head in TRL's
+    # the LM head and loss as the train stage computes them on a CPU: kubetune.cpu.lmhead's token-chunked head in TRL's
     # fused head (no [tokens, vocab] logits kept; its chunk buffers reused from step to step)
     with lmhead.token_chunked_head(), disable_input_dtype_casting(model, active=bf16):
         for step in range(spec["steps"]):
@@ -258,7 +259,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         "load_seconds": round(load_seconds, 1),
         "step_seconds": [round(s, 2) for s in step_seconds],
         "losses": losses,
-        "allocator": allocator,
+        "allocator": malloc,
         "lean_layers": lean,
     }
 
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
             opts = dict(ARMS[arm])
             env = opts.pop("env", None)
             if env is None:  # as the `kubetune` command starts its training process: tcmalloc where installed
-                env = (hardware.allocator_preload_env() if opts["tune_allocator"] else None) or {}
+                env = (allocator.allocator_preload_env() if opts["tune_allocator"] else None) or {}
             opts.pop("reference", None)
             spec = {
                 "kind": "train",
@@ -477,7 +478,7 @@ def _s_per_step(seconds: list[float]) -> float | None:
 def _env_label(env: dict[str, str]) -> str | None:
     if env.get("LD_PRELOAD") == JEMALLOC:
         return "jemalloc (as the CPU images)"
-    if hardware.PRELOADED_BY_ENV in env:
+    if allocator.PRELOADED_BY_ENV in env:
         return "tcmalloc (as kubetune starts)"
     return " ".join(f"{k}={v}" for k, v in env.items()) or None
 

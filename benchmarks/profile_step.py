@@ -6,11 +6,11 @@
 The step is what SFTTrainer runs for kubetune: TRL's fused LM head (``add_fused_lm_head``, as SFTTrainer adds it),
 PEFT LoRA on ``--target-modules``, fused AdamW, ``--batch`` rows of ``--max-length`` tokens with restarting position
 ids. ``--lm-head chunked`` (the default, what kubetune's train stage does on CPU) routes TRL's head through
-:class:`kubetune.lmhead.TokenChunkedLogProb`; ``--lm-head trl`` keeps TRL's vocabulary-tiled CPU path.
-``--dropout-sampler bulk`` (the default, as on CPU) draws the LoRA dropout masks with :mod:`kubetune.dropout`,
+:class:`kubetune.cpu.lmhead.TokenChunkedLogProb`; ``--lm-head trl`` keeps TRL's vocabulary-tiled CPU path.
+``--dropout-sampler bulk`` (the default, as on CPU) draws the LoRA dropout masks with :mod:`kubetune.cpu.dropout`,
 ``torch`` with PEFT's ``nn.Dropout``. ``--lean-layers on`` (the default, as on CPU) routes the RMSNorm and MLP
-modules through :mod:`kubetune.layers`; ``--split-gemms on`` (the default, as on CPU) times the frozen layers' GEMM
-shapes and splits those that gain (:mod:`kubetune.gemm`). In bf16 the step runs under autocast with PEFT's
+modules through :mod:`kubetune.cpu.layers`; ``--split-gemms on`` (the default, as on CPU) times the frozen layers' GEMM
+shapes and splits those that gain (:mod:`kubetune.cpu.gemm`). In bf16 the step runs under autocast with PEFT's
 cast of the LoRA inputs to the fp32 adapter turned off, as the train stage runs it. Prints the
 step time, the profiler's top operators by self time, and the share of the step in matmuls, attention, the LM head
 and element-wise work: the numbers that say which lever can still pay and what bounds the step on this machine.
@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    from kubetune import hardware, lmhead, models
+    from kubetune import hardware, models
     from kubetune.config import ModelConfig
+    from kubetune.cpu import allocator, lmhead
 
     torch.set_num_threads(common.threads_of(args.threads))
-    hardware.apply_allocator_setting(hardware.detect())  # as the train stage allocates
+    allocator.apply_allocator_setting(hardware.detect())  # as the train stage allocates
     path = models.resolve(ModelConfig(name_or_path=args.model)).path
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -70,16 +71,16 @@ def main(argv=None) -> int:
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    if args.dropout_sampler == "bulk":  # what the train stage does on CPU (kubetune.dropout)
-        from kubetune import dropout
+    if args.dropout_sampler == "bulk":  # what the train stage does on CPU (kubetune.cpu.dropout)
+        from kubetune.cpu import dropout
 
         dropout.install(model)
     if args.lean_layers == "on":
-        from kubetune import layers
+        from kubetune.cpu import layers
 
         layers.install(model)
-    if args.split_gemms == "on":  # what the train stage does on CPU (kubetune.gemm): timed per layer shape
-        from kubetune import gemm
+    if args.split_gemms == "on":  # what the train stage does on CPU (kubetune.cpu.gemm): timed per layer shape
+        from kubetune.cpu import gemm
 
         gemm.install(model, args.batch * args.max_length)
     optim = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)

@@ -9,7 +9,8 @@
 (b) **kubetune**: :func:`kubetune.train.train` on the packed_dataset that ``kubetune.prepare`` + ``kubetune.pack``
     made from the same rows, with its automatic settings (precision, threads, activation checkpointing, optimizer),
     in a process started as the ``kubetune`` command starts one: under tcmalloc where it is installed
-    (``kubetune.hardware.allocator_preload_env``). The baseline runs on the C library's malloc, as a user's script does.
+    (``kubetune.cpu.allocator.allocator_preload_env``). The baseline runs on the C library's malloc, as a user's
+    script does.
 
 Both arms get the same model folder, rows, ``max_length``, batch size, LoRA rank/alpha/dropout/targets, learning rate
 and schedule (linear, no warm-up: TRL's default) and seed, and run ``--warmup`` steps that are not counted followed by
@@ -56,7 +57,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.common import BenchError, Recorder, progress
-from kubetune import hardware
+from kubetune.cpu import allocator
 
 # kubetune runs with the C library's malloc (the glibc levers need it)
 GLIBC = {"KUBETUNE_ALLOCATOR": "system"}
@@ -65,19 +66,19 @@ GLIBC = {"KUBETUNE_ALLOCATOR": "system"}
 LEVERS: dict[str, dict[str, Any]] = {
     "precision=bf16": {"overrides": {"train.precision": "bf16"}, "eval": True},
     "precision=fp32": {"overrides": {"train.precision": "fp32"}, "eval": True},
-    "lm_head=trl (TRL's fused head)": {"overrides": {"train.lm_head": "trl"}, "eval": True},
-    "lm_head=chunked": {"overrides": {"train.lm_head": "chunked"}, "eval": True},
-    "precision=fp32 + lm_head=trl": {"overrides": {"train.precision": "fp32", "train.lm_head": "trl"}, "eval": True},
+    "lm_head=trl (TRL's fused head)": {"overrides": {"cpu.lm_head": "trl"}, "eval": True},
+    "lm_head=chunked": {"overrides": {"cpu.lm_head": "chunked"}, "eval": True},
+    "precision=fp32 + lm_head=trl": {"overrides": {"train.precision": "fp32", "cpu.lm_head": "trl"}, "eval": True},
     "activation_checkpointing=on": {"overrides": {"train.activation_checkpointing": "on"}},
     "optim=adamw_torch (foreach)": {"overrides": {"train.optim": "adamw_torch"}},
     "lora.dropout=0": {"overrides": {"lora.dropout": 0.0}, "eval": True},
-    "dropout_sampler=torch (nn.Dropout)": {"overrides": {"train.dropout_sampler": "torch"}, "eval": True},
+    "dropout_sampler=torch (nn.Dropout)": {"overrides": {"cpu.dropout_sampler": "torch"}, "eval": True},
     "threads=1": {"overrides": {"train.threads": 1}},
     "micro_batch_size=4 (whole batch per pass)": {"overrides": {"train.micro_batch_size": 4}},
     "micro_batch_size=2": {"overrides": {"train.micro_batch_size": 2}},
     "micro_batch_size=1": {"overrides": {"train.micro_batch_size": 1}},
-    "lean_layers=off": {"overrides": {"train.lean_layers": "off"}, "eval": True},
-    "split_gemms=off": {"overrides": {"train.split_gemms": "off"}},
+    "lean_layers=off": {"overrides": {"cpu.lean_layers": "off"}, "eval": True},
+    "split_gemms=off": {"overrides": {"cpu.split_gemms": "off"}},
     "logging_steps=10": {"overrides": {"train.logging_steps": 10}},
     # inductor compiles on one thread: low CPU use is its nature there, not a neighbour's doing, so no retry
     "compile=true": {"overrides": {"train.compile": True}, "retries": 0},
@@ -475,7 +476,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "train_peak_anon_bytes": probe.rss_train.get("peak_anon_bytes"),
             "peak_gpu_memory_bytes": probe.gpu_peak,
             "torch_threads": torch.get_num_threads(),
-            "malloc": hardware.loaded_allocator(),  # the preloaded malloc's path; None: the C library's
+            "malloc": allocator.loaded_allocator(),  # the preloaded malloc's path; None: the C library's
             "grad_accum": int(probe.trainer.args.gradient_accumulation_steps),
             "micro_batch_size": int(probe.trainer.args.per_device_train_batch_size),
         }
@@ -755,7 +756,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         spec = {**base_spec, "name": _slug(name), "arm": arm, "warmup": warmup, "steps": steps, **extra}
         if arm == "kubetune":  # started as the `kubetune` command starts its training process (a lever's env on top)
             lever_env = env or {}
-            env = {**(hardware.allocator_preload_env({**os.environ, **lever_env}) or {}), **lever_env}
+            env = {**(allocator.allocator_preload_env({**os.environ, **lever_env}) or {}), **lever_env}
         spec["eval_rows"] = eval_rows
         retries = args.retries if retries is None else retries
         for attempt in range(1 + retries):
@@ -809,7 +810,7 @@ def run(args: argparse.Namespace, rec: Recorder) -> list[dict[str, Any]]:
         env = opts.get("env")
         if opts.get("tcmalloc"):
             # tcmalloc preloaded as the `kubetune` command preloads it, whatever KUBETUNE_ALLOCATOR says here
-            env = hardware.allocator_preload_env({k: v for k, v in os.environ.items() if k != hardware.ALLOCATOR_ENV})
+            env = allocator.allocator_preload_env({k: v for k, v in os.environ.items() if k != allocator.ALLOCATOR_ENV})
             if env is None:
                 progress(f"train: skipping lever {lever!r}: no tcmalloc is installed (or an allocator is preloaded)")
                 levers.append({"bench": "train-lever", "name": lever, "error": "no tcmalloc installed to preload"})

@@ -140,11 +140,14 @@ def train(
             training_summary.json, config.yaml and manifest.json.
         train_metrics: final_loss, global_step, tokens_seen, train_tokens_per_second, train_seconds, ...
     """
+    import os
+
     from components import runtime
+    from kubetune import hardware
     from kubetune.train import train as run_train
 
     cfg = runtime.config_from(locals(), **{"train.checkpoint_dir": runtime.checkpoint_dir(checkpoint_root, run_id)})
-    out = run_train(cfg, packed_dataset.path, adapter.path)
+    out = run_train(cfg, packed_dataset.path, adapter.path, hw=hardware.detect(**hardware.overrides(os.environ)))
     runtime.annotate(adapter, out, base_model=cfg.model.name_or_path, method=cfg.method)
     runtime.log_metrics(train_metrics, runtime.read_json(out, "training_summary.json"))
 

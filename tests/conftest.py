@@ -16,13 +16,28 @@ os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-c
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The train stage's precision probe (CPUs with AVX512-BF16, no AMX) would pick bf16 on some CI machines and fp32 on
 # others; tests pin it to fp32 so that their numbers do not depend on the machine (tests of the probe set their own).
-os.environ.setdefault("KUBETUNE_MATMUL_GFLOPS", "fp32=1,bf16=1")
 # Likewise a CPU with AMX (Sapphire Rapids and later) would train the tests' models in bf16 without a probe: they see
-# this CPU's flags without AMX (tests of the AMX rule pass their own flags).
+# this CPU's flags without AMX (tests of the AMX rule pass their own flags). The values go to the commands the tests
+# start through the user-facing overrides in the environment, and to the stages called in-process through the
+# `machine_facts` fixture below.
+os.environ.setdefault("KUBETUNE_MATMUL_GFLOPS", "fp32=1,bf16=1")
 if "KUBETUNE_CPU_FLAGS" not in os.environ:
     from kubetune.hardware import read_cpu_flags
 
     os.environ["KUBETUNE_CPU_FLAGS"] = " ".join(sorted(f for f in read_cpu_flags() if not f.startswith("amx")))
+
+
+@pytest.fixture(autouse=True)
+def machine_facts(monkeypatch):
+    """``hardware.detect()`` called in-process (by a stage given no ``hw``) sees the facts above; a test that passes
+    its own arguments still wins. Tests of detection itself use ``hardware.detect.func``."""
+    import functools
+
+    from kubetune import hardware
+
+    real = getattr(hardware.detect, "func", hardware.detect)
+    monkeypatch.setattr(hardware, "detect", functools.partial(real, **hardware.overrides(os.environ)))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

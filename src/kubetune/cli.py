@@ -179,7 +179,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from kubetune.train import train
 
-        out = train(cfg, _dir(cfg, args.packed, "pack"), _dir(cfg, args.out, "train"), overwrite=ow)
+        out = train(cfg, _dir(cfg, args.packed, "pack"), _dir(cfg, args.out, "train"), overwrite=ow, hw=machine())
     elif args.command == "evaluate":
         from kubetune.evaluation import evaluate
 
@@ -207,6 +207,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def machine():
+    """This machine's facts for the train stage, with the user's overrides read from the environment, here."""
+    from kubetune import hardware
+
+    return hardware.detect(**hardware.overrides(os.environ))
+
+
 def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
     """Every stage in order under ``cfg.output_dir``; returns the output folders."""
     from kubetune.evaluation import evaluate
@@ -222,7 +229,7 @@ def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
     log.info("[2/5] pack -> %s", d["pack"])
     pack(cfg, d["prepare"], d["pack"], overwrite=overwrite)
     log.info("[3/5] train -> %s", d["train"])
-    train(cfg, d["pack"], d["train"], overwrite=overwrite)
+    train(cfg, d["pack"], d["train"], overwrite=overwrite, hw=machine())
     log.info("[4/5] evaluate -> %s", d["evaluate"])
     evaluate(cfg, d["train"], d["pack"], d["prepare"], d["evaluate"], overwrite=overwrite)
     if cfg.tracking.enabled:
@@ -411,7 +418,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Commands that load a model start under tcmalloc where it is installed (kubetune.hardware.allocator_preload_env).
+# Commands that load a model start under tcmalloc where it is installed (kubetune.allocator.allocator_preload_env).
 _MODEL_COMMANDS = frozenset({"train", "evaluate", "run", "generate"})
 
 
@@ -422,9 +429,9 @@ def _restart_under_allocator(argv: list[str]) -> None:
     command = argv[0] if argv else ""
     if command not in _MODEL_COMMANDS and not (command == "pipeline" and "--local" in argv):
         return
-    from kubetune import hardware
+    from kubetune.cpu import allocator
 
-    changes = hardware.allocator_preload_env()
+    changes = allocator.allocator_preload_env()
     if changes is None:
         return
     sys.stdout.flush()

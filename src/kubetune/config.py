@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -24,6 +25,8 @@ from typing import Any
 import yaml
 
 from kubetune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -188,6 +191,25 @@ class TrainConfig:
         choices=("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"),
     )
     compile: bool = _f(False, "torch.compile the model (pays off only on long runs).")
+    logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)
+    save_steps: int = _f(50, "Checkpoint every N steps (and always at the end).", minimum=1)
+    save_total_limit: int = _f(2, "Checkpoints kept.", minimum=1)
+    checkpoint_dir: str | None = _f(
+        None,
+        "Where checkpoints go (default: `<output_dir>/checkpoints`); point it at storage that outlives the pod.",
+    )
+    resume: str = _f(
+        "auto",
+        "`auto`: continue from the newest valid checkpoint; `never`: start fresh; or a checkpoint path.",
+    )
+    preempt_grace_s: float = _f(25.0, "Seconds allowed to save a checkpoint after SIGTERM.", minimum=1.0)
+    merge: bool = _f(False, "Also save base + adapter merged into one model.")
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """kubetune's CPU kernels for training (`kubetune.cpu`): each `auto` is on for a CPU and off on a GPU."""
+
     lm_head: str = _f(
         "auto",
         "How the LM head and loss are computed. `trl`: TRL's fused head (vocabulary tiles; on GPUs a Triton kernel "
@@ -207,31 +229,17 @@ class TrainConfig:
     lean_layers: str = _f(
         "auto",
         "Whether the decoder's RMSNorm and SiLU-gated MLP run through kubetune's leaner forward/backward "
-        "(`kubetune.layers`: same outputs, fewer passes over memory, 0.1 GiB less activation memory per "
+        "(`kubetune.cpu.layers`: same outputs, fewer passes over memory, 0.1 GiB less activation memory per "
         "512-token row of a 135M model). `auto`: `on` on CPU, `off` on GPU (fused kernels there).",
         choices=("auto", "on", "off"),
     )
     split_gemms: str = _f(
         "auto",
         "Whether the frozen base layers' GEMMs may run as a few narrower GEMMs where that is faster on this machine "
-        "(`kubetune.gemm`: each distinct layer shape timed at start, about a second; a split kept only where it is "
+        "(`kubetune.cpu.gemm`: each distinct layer shape timed at start, about a second; a split kept only where it is "
         "1.15x faster; same products). `auto`: `on` on CPU, `off` on GPU.",
         choices=("auto", "on", "off"),
     )
-    ipex: bool = _f(False, "Apply intel-extension-for-pytorch (only in the cpu-ipex image, torch 2.8).")
-    logging_steps: int = _f(1, "Log loss and throughput every N steps.", minimum=1)
-    save_steps: int = _f(50, "Checkpoint every N steps (and always at the end).", minimum=1)
-    save_total_limit: int = _f(2, "Checkpoints kept.", minimum=1)
-    checkpoint_dir: str | None = _f(
-        None,
-        "Where checkpoints go (default: `<output_dir>/checkpoints`); point it at storage that outlives the pod.",
-    )
-    resume: str = _f(
-        "auto",
-        "`auto`: continue from the newest valid checkpoint; `never`: start fresh; or a checkpoint path.",
-    )
-    preempt_grace_s: float = _f(25.0, "Seconds allowed to save a checkpoint after SIGTERM.", minimum=1.0)
-    merge: bool = _f(False, "Also save base + adapter merged into one model.")
 
 
 @dataclass(frozen=True)
@@ -274,6 +282,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "LoRA adapter."})
     quant: QuantConfig = field(default_factory=QuantConfig, metadata={"doc": "QLoRA quantisation."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training."})
+    cpu: CpuConfig = field(default_factory=CpuConfig, metadata={"doc": "CPU kernels for training."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow."})
     method: str = _f(
@@ -417,7 +426,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if _is_section(tp):
             kwargs[name] = _build(tp, data[name], key + ".")
         else:
-            value = _coerce(data[name], tp, key)
+            value = data[name]
+            if isinstance(value, bool) and tp is str and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # YAML reads a bare on/off as a boolean
+            value = _coerce(value, tp, key)
             _check_bounds(value, f, key)
             kwargs[name] = value
     return cls(**kwargs)
@@ -447,8 +459,6 @@ def _validate(cfg: Config) -> None:
             "config keys `method: qlora` with `quant.bits: 8` and `lora.use_dora: true` do not "
             "combine; drop DoRA or use 4 bits"
         )
-    if cfg.train.ipex and cfg.method == "qlora":
-        raise ConfigError("config keys `train.ipex` and `method: qlora` do not combine; IPEX is for CPU LoRA only")
     if cfg.train.precision == "fp16" and cfg.method == "qlora" and cfg.quant.compute_dtype == "bfloat16":
         raise ConfigError(
             "config keys `train.precision: fp16` and `quant.compute_dtype: bfloat16` disagree; "
@@ -456,9 +466,48 @@ def _validate(cfg: Config) -> None:
         )
 
 
+# Keys that moved, old -> new: still read, with a one-line warning naming the new key.
+MOVED_KEYS = {f"train.{k}": f"cpu.{k}" for k in ("lm_head", "dropout_sampler", "lean_layers", "split_gemms")}
+# train.ipex: intel-extension-for-pytorch 2.8 (its last release, end-of-life upstream) aborts on import beside the
+# pinned torch ("needs to work with PyTorch 2.8.*"), so kubetune dropped it; stock PyTorch uses AMX through oneDNN.
+_REMOVED_KEYS = {
+    "train.ipex": "intel-extension-for-pytorch is end-of-life and does not import beside the pinned torch; stock "
+    "PyTorch uses AMX through oneDNN",
+}
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with moved keys under their new names (with a warning) and removed keys dropped where they
+    asked for nothing (set to a false value), else a ConfigError naming the key."""
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    train = dict(train)
+    data = {**data, "train": train}
+    for old, why in _REMOVED_KEYS.items():
+        name = old.split(".", 1)[1]
+        if name in train:
+            if train.pop(name):
+                raise ConfigError(f"config key `{old}`: removed ({why}); delete the key")
+            log.warning("config key `%s` is no longer used (%s); delete the key", old, why)
+    for old, new in MOVED_KEYS.items():
+        name = old.split(".", 1)[1]
+        if name not in train:
+            continue
+        section, key = new.split(".")
+        moved = data.get(section)
+        moved = dict(moved) if isinstance(moved, dict) else {}
+        if key in moved:
+            raise ConfigError(f"config keys `{old}` and `{new}` are both set; keep `{new}` only")
+        moved[key] = train.pop(name)
+        data[section] = moved
+        log.warning("config key `%s` is deprecated; write `%s` instead", old, new)
+    return data
+
+
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
     """Build and validate a Config from a nested mapping."""
-    cfg = _build(Config, data or {}, "")
+    cfg = _build(Config, _upgrade(data or {}), "")
     _validate(cfg)
     return cfg
 
@@ -524,6 +573,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         data = loaded or {}
     if path is not None:
         try:
+            data = _upgrade(data)  # once, so that a moved key is warned about once
             from_dict(data)  # errors in the file itself are reported against the file
         except ConfigError as err:
             raise ConfigError(f"config file {path}: {err}") from None

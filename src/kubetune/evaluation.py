@@ -139,7 +139,7 @@ def _training_method(adapter: Path, cfg: Config) -> str:
 def _loss_sum(model, input_ids, attention_mask, labels) -> float:
     import torch.nn.functional as F
 
-    # use_cache=False: no KV cache is needed and, for padding-free rows, it keeps sequences isolated (STACK.md).
+    # use_cache=False: no KV cache is needed and, for padding-free rows, it keeps sequences isolated.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX

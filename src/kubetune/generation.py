@@ -97,10 +97,11 @@ def base_model_config(cfg_model: ModelConfig, adapter_dir: str | Path) -> ModelC
 def inference_settings(dtype: str | None = None, device: str | None = None) -> tuple[str, str]:
     """(device, dtype) for scoring and generation: CUDA when present with its best half precision, else CPU in
     fp32 (exact, and on CPUs without AMX also the fastest). Explicit values win."""
-    from kubetune.hardware import choose_precision, detect
+    from kubetune.hardware import detect
+    from kubetune.plan import choose_precision
 
     if device is None or (dtype is None and device == "cuda"):
-        hw = detect()
+        hw = detect(measure=False)
         device = device or hw.device
         if dtype is None and device == "cuda":
             dtype = choose_precision(hw, "auto").value

@@ -125,12 +125,12 @@ def test_cpu_image_runs_every_process_under_tcmalloc_as_the_cli_does():
     """The KFP components run in-process under kfp's executor, not through the `kubetune` command that would restart
     itself under tcmalloc: the CPU image preloads it, by a name the loader finds on any architecture, and marks it
     as kubetune's so the train stage's allocator decision says whose it is."""
-    from kubetune import hardware
+    from kubetune.cpu import allocator
 
     cpu = (IMAGES / "cpu" / "Dockerfile").read_text()
     final = cpu[cpu.rindex("\nFROM ") :]
     env = dict(re.findall(r"^\s*(LD_PRELOAD|KUBETUNE_PRELOADED_ALLOCATOR|TCMALLOC_\w+)=(\S+?)\s*\\?$", final, re.M))
-    assert env["LD_PRELOAD"] == env[hardware.PRELOADED_BY_ENV] == hardware.TCMALLOC_NAMES[0]
+    assert env["LD_PRELOAD"] == env[allocator.PRELOADED_BY_ENV] == allocator.TCMALLOC_NAMES[0]
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     assert "libtcmalloc-minimal4" in final  # the Debian package that ships libtcmalloc_minimal.so.4
-    assert hardware._same_library(env["LD_PRELOAD"], "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10")
+    assert allocator._same_library(env["LD_PRELOAD"], "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import hardware
+from kubetune.cpu import allocator as malloc
 
 from .procs import env, kubetune_cmd
 
@@ -35,15 +35,15 @@ def tcmalloc_env(tmp_path) -> tuple[dict[str, str], str]:
     """The environment to run `kubetune` in, and the tcmalloc library it should end up running with."""
     e = env()
     e.pop("LD_PRELOAD", None)
-    e.pop(hardware.ALLOCATOR_ENV, None)
-    real = hardware.find_tcmalloc(e)
+    e.pop(malloc.ALLOCATOR_ENV, None)
+    real = malloc.find_tcmalloc(e)
     if real:
         return e, real
     if not Path("/proc/self/maps").is_file():
         pytest.skip("no /proc here")
     folder = tmp_path / "lib"
     folder.mkdir()
-    stand_in = folder / hardware.TCMALLOC_NAMES[0]
+    stand_in = folder / malloc.TCMALLOC_NAMES[0]
     shutil.copyfile(_libm(), stand_in)
     e["LD_LIBRARY_PATH"] = f"{folder}:{e['LD_LIBRARY_PATH']}" if e.get("LD_LIBRARY_PATH") else str(folder)
     return e, str(stand_in)
@@ -65,14 +65,14 @@ def test_train_runs_under_tcmalloc_and_system_opts_out(ws, tmp_path, tcmalloc_en
     # what /proc/self/maps shows is the resolved file (a versioned name behind the .so.4 link)
     assert os.path.realpath(lib) in allocator["reason"] or lib in allocator["reason"]
 
-    allocator = _train(ws, tmp_path, "system", {**e, hardware.ALLOCATOR_ENV: "system"})
+    allocator = _train(ws, tmp_path, "system", {**e, malloc.ALLOCATOR_ENV: "system"})
     assert allocator["value"] not in ("tcmalloc", "jemalloc", "mimalloc"), allocator
 
 
 def test_a_wrong_allocator_choice_is_one_line_and_exit_2(ws, tmp_path):
     r = subprocess.run(
         kubetune_cmd(*ws.train_args(tmp_path / "a", tmp_path / "c")),
-        env={**env(), hardware.ALLOCATOR_ENV: "tcmalloc-please"},
+        env={**env(), malloc.ALLOCATOR_ENV: "tcmalloc-please"},
         capture_output=True,
         text=True,
         timeout=120,

@@ -260,6 +260,11 @@ CASES = [
         "'someorg/some-model'",
         env={"HF_HUB_OFFLINE": "1"},
     ),
+    Case(
+        "train-model-path-missing",
+        train_("--set", "model.name_or_path=/nonexistent/model"),
+        "model path /nonexistent/model: not found",
+    ),
     # --- training settings
     Case("resume-not-a-checkpoint", lambda b, out: train_("--set", f"train.resume={b.root}")(b, out), "`train.resume`"),
     Case(
@@ -292,6 +297,7 @@ def check_failure(rc: int, err: str, needle: str, out: Path) -> str:
     assert not (out / MANIFEST).exists()
     assert not list(out.parent.glob(out.name + ".tmp-*"))
     assert not list(out.parent.glob(".*.lock"))  # the one-writer locks go with the process that held them
+    assert not (out.parent / "checkpoints").exists()  # train: the inputs are checked before its checkpoint folder
     return line
 
 

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, data_stages, gpu_qlora, memory, pipeline_overhead, train_throughput  # noqa: E402
-from kubetune import hardware  # noqa: E402
+from kubetune.cpu import allocator  # noqa: E402
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -121,7 +121,7 @@ def test_train_benchmark_emits_one_sane_record_per_arm(train_run):
     # the recipe runs on the C library's malloc, as a user's script; kubetune as the `kubetune` command starts it
     # (the baseline worker inherits this test's environment, which preloads nothing)
     assert not os.environ.get("LD_PRELOAD"), "run the benchmark tests without LD_PRELOAD"
-    tcmalloc = hardware.find_tcmalloc()
+    tcmalloc = allocator.find_tcmalloc()
     assert base["malloc"] == "libc"
     assert kt["malloc"] == (Path(os.path.realpath(tcmalloc)).name if tcmalloc else "libc")
     on_tcmalloc = by_name(records, "train-lever")["baseline + tcmalloc"]
@@ -226,7 +226,7 @@ def test_summarise_refuses_runs_without_counted_steps():
 
 
 def test_counting_collator_excludes_padding_and_counts_loss_tokens():
-    from kubetune.train import PackedRowsCollator
+    from kubetune.sft import PackedRowsCollator
 
     probe = train_throughput.Probe()
     collate = train_throughput.CountingCollator(PackedRowsCollator(pad_token_id=0), probe)
@@ -380,14 +380,14 @@ def test_memory_benchmark_quick(tmp_path):
     assert {"qlora / lora-bf16", "qlora +malloc / lora-bf16 +malloc"} <= set(ratios)
     assert arms["qlora +malloc"]["env"] == "MALLOC_MMAP_THRESHOLD_=65536"
     # the arms allocate as the train stage does (under tcmalloc where it is installed), except those that say otherwise
-    tcmalloc = hardware.find_tcmalloc() is not None
+    tcmalloc = allocator.find_tcmalloc() is not None
     assert arms["qlora"]["env"] == ("tcmalloc (as kubetune starts)" if tcmalloc else None)
     assert arms["qlora +malloc"]["allocator"] == "environment"
     assert arms["qlora (glibc default)"]["allocator"] == "default"
     glibc = ("mmap threshold 8 MiB", "default")  # "default" without glibc's mallopt
     assert arms["qlora (glibc malloc)"]["allocator"] in glibc and arms["qlora (glibc malloc)"]["env"] is None
     assert arms["qlora"]["allocator"] == "tcmalloc" if tcmalloc else arms["qlora"]["allocator"] in glibc
-    # set up as the train stage: the 4-bit layers through kubetune.layers, except in the arm that measures without
+    # set up as the train stage: the 4-bit layers through kubetune.cpu.layers, except in the arm that measures without
     assert arms["qlora"]["lean_layers"]["linear4bit"] == 7 * 4  # 7 projections x 4 layers (--quick)
     assert arms["qlora (bitsandbytes 4-bit layers)"]["lean_layers"]["linear4bit"] == 0
     assert arms["lora-bf16"]["lean_layers"] == {"norms": 9, "mlps": 4, "linear4bit": 0}
@@ -451,3 +451,14 @@ def test_gpu_script_tiny_path_runs_qlora_on_a_cpu(tmp_path):
     arms = by_name(records, "train")
     assert set(arms) == {"baseline", "kubetune"}
     assert all(r["method"] == "qlora" and r["tokens"] > 0 and math.isfinite(r["eval_loss"]) for r in arms.values())
+
+
+def test_gemm_gflops_counts_the_flops_of_every_round(monkeypatch):
+    import itertools
+    import time
+
+    clock = itertools.count()  # each reading of the clock is one second later
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    # t0 = 0; at 1 s one round of both matmuls runs; at 2 s the 1.5 s window is over; the rate is read at 3 s
+    got = common.gemm_gflops([(2, 3, 4), (5, 6, 7)], "fp32", 1, seconds=1.5, repeats=1)
+    assert got == pytest.approx(2 * (2 * 3 * 4 + 5 * 6 * 7) / 3 / 1e9, rel=1e-3)  # 4 significant digits

@@ -1,4 +1,4 @@
-"""kubetune.dropout: LoRA dropout with masks drawn three 16-bit lanes per 64-bit random number."""
+"""kubetune.cpu.dropout: LoRA dropout with masks drawn three 16-bit lanes per 64-bit random number."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kubetune import dropout
-from kubetune.dropout import BulkDropout
+from kubetune.cpu import dropout
+from kubetune.cpu.dropout import BulkDropout
 
 
 @pytest.mark.parametrize(

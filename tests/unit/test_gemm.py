@@ -1,4 +1,4 @@
-"""kubetune.gemm: frozen linear layers computed in column blocks compute the same products, and a split is chosen
+"""kubetune.cpu.gemm: frozen linear layers computed in column blocks compute the same products, and a split is chosen
 only where timing says so."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_layers import _tiny_llama, assert_same_logits_and_adapter_grads, lora_llama_pair  # on sys.path
 
-from kubetune import gemm
+from kubetune.cpu import gemm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,21 +7,28 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import hardware
+from kubetune import hardware, plan
+from kubetune.cpu import allocator
 from kubetune.errors import UserError
 from kubetune.hardware import Hardware
 
 
+@pytest.fixture(autouse=True)
+def real_detect(monkeypatch):
+    """Detection itself, without the session's pinned facts (conftest's machine_facts)."""
+    monkeypatch.setattr(hardware, "detect", hardware.detect.func)
+
+
 def test_amx_cpu_chooses_bf16():
     hw = hardware.detect(cpu_flags={"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, use_cuda=False)
-    d = hardware.choose_precision(hw)
+    d = plan.choose_precision(hw)
     assert d.value == "bf16" and "AMX" in d.reason
 
 
 def test_cpu_without_amx_or_avx512_bf16_chooses_fp32_without_probing(monkeypatch):
     monkeypatch.setattr(hardware, "matmul_gflops", lambda *a, **k: pytest.fail("no probe expected"))
     hw = hardware.detect(cpu_flags={"avx512f", "avx2"}, use_cuda=False)
-    d = hardware.choose_precision(hw)
+    d = plan.choose_precision(hw)
     assert d.value == "fp32" and "emulated" in d.reason
 
 
@@ -33,60 +40,58 @@ def test_cpu_without_amx_or_avx512_bf16_chooses_fp32_without_probing(monkeypatch
         ("fp32=200,bf16=250", "fp32"),  # faster, but not by enough to be worth the lower precision
     ],
 )
-def test_avx512_bf16_without_amx_follows_the_measured_rates(monkeypatch, rates, expected):
-    monkeypatch.setenv("KUBETUNE_MATMUL_GFLOPS", rates)
-    hw = hardware.detect(cpu_flags={"avx512f", "avx512_bf16"}, use_cuda=False)
-    d = hardware.choose_precision(hw)
+def test_avx512_bf16_without_amx_follows_the_measured_rates(rates, expected):
+    given = hardware.overrides({"KUBETUNE_MATMUL_GFLOPS": rates})
+    hw = hardware.detect(cpu_flags={"avx512f", "avx512_bf16"}, use_cuda=False, **given)
+    d = plan.choose_precision(hw)
     assert d.value == expected
     bf16, fp32 = rates.split(",")[1].split("=")[1], rates.split(",")[0].split("=")[1]
     assert f"bf16 {bf16} vs fp32 {fp32} GFLOP/s" in d.reason
 
 
 def test_the_probe_measures_both_dtypes_once(monkeypatch):
-    monkeypatch.delenv("KUBETUNE_MATMUL_GFLOPS", raising=False)
     monkeypatch.setattr(hardware, "_RATES", {})
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
     calls = []
     monkeypatch.setattr(hardware, "matmul_gflops", lambda d, t: calls.append((d, t)) or {"fp32": 100, "bf16": 400}[d])
-    hw = Hardware("cpu", frozenset({"avx512_bf16"}), cores=2)
-    assert hardware.choose_precision(hw).value == "bf16"
-    assert hardware.choose_precision(hw).value == "bf16"
+    assert plan.choose_precision(hardware.detect(cpu_flags={"avx512_bf16"}, use_cuda=False)).value == "bf16"
+    assert plan.choose_precision(hardware.detect(cpu_flags={"avx512_bf16"}, use_cuda=False)).value == "bf16"
     assert calls == [("fp32", 2), ("bf16", 2)]
+    # A CPU whose rate was not measured (facts written by hand) stays in fp32.
+    assert plan.choose_precision(Hardware("cpu", frozenset({"avx512_bf16"}), cores=2)).value == "fp32"
 
 
-def test_gemm_gflops_counts_the_flops_of_every_round(monkeypatch):
+def test_matmul_gflops_counts_the_flops_of_every_round(monkeypatch):
     import itertools
     import time
 
     clock = itertools.count()  # each reading of the clock is one second later
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    # t0 = 0; at 1 s one round of both matmuls runs; at 2 s the 1.5 s window is over; the rate is read at 3 s
-    got = hardware.gemm_gflops([(2, 3, 4), (5, 6, 7)], "fp32", 1, seconds=1.5, repeats=1)
-    assert got == pytest.approx(2 * (2 * 3 * 4 + 5 * 6 * 7) / 3 / 1e9, rel=1e-3)  # 4 significant digits
+    # t0 = 0; at 1 s one round runs; at 2 s the 1.5 s window is over; the rate is read at 3 s
     square = hardware.matmul_gflops("fp32", 1, size=8, seconds=1.5, repeats=1)
     assert square == pytest.approx(2 * 8**3 / 3 / 1e9, rel=1e-3)
 
 
-def test_bad_probe_override_names_the_variable(monkeypatch):
-    monkeypatch.setenv("KUBETUNE_MATMUL_GFLOPS", "fast")
-    with pytest.raises(ValueError, match="KUBETUNE_MATMUL_GFLOPS"):
-        hardware.cpu_matmul_rates(2)
+def test_bad_probe_override_names_the_variable():
+    with pytest.raises(UserError, match="KUBETUNE_MATMUL_GFLOPS"):
+        hardware.overrides({"KUBETUNE_MATMUL_GFLOPS": "fast"})
 
 
-def test_cpu_flags_env_override(monkeypatch):
-    monkeypatch.setenv("KUBETUNE_CPU_FLAGS", "amx_bf16 avx512f")
-    assert hardware.detect(use_cuda=False).amx
+def test_cpu_flags_env_override():
+    assert hardware.detect(use_cuda=False, **hardware.overrides({"KUBETUNE_CPU_FLAGS": "amx_bf16 avx512f"})).amx
+    assert hardware.overrides({}) == {}
 
 
 def test_cuda_precision():
-    assert hardware.choose_precision(Hardware("cuda", cuda_name="L4", cuda_bf16=True)).value == "bf16"
-    assert hardware.choose_precision(Hardware("cuda", cuda_name="T4", cuda_bf16=False)).value == "fp16"
+    assert plan.choose_precision(Hardware("cuda", cuda_name="L4", cuda_bf16=True)).value == "bf16"
+    assert plan.choose_precision(Hardware("cuda", cuda_name="T4", cuda_bf16=False)).value == "fp16"
 
 
 def test_explicit_settings_win():
     hw = Hardware("cpu", frozenset({"amx_bf16"}), cores=4)
-    assert hardware.choose_precision(hw, "fp32").value == "fp32"
-    assert hardware.choose_threads(hw, 3).value == 3
-    assert hardware.choose_threads(hw).value == 4
+    assert plan.choose_precision(hw, "fp32").value == "fp32"
+    assert plan.choose_threads(hw, 3).value == 3
+    assert plan.choose_threads(hw).value == 4
 
 
 def test_usable_cores_respects_affinity():
@@ -97,42 +102,42 @@ def test_usable_cores_respects_affinity():
 
 def test_activation_checkpointing_only_when_needed():
     hw = Hardware("cuda", cuda_name="x", cuda_bf16=True, cuda_memory_bytes=16 << 30)
-    small = hardware.choose_activation_checkpointing(hw, "auto", activation_bytes=1 << 30, weight_bytes=1 << 30)
-    big = hardware.choose_activation_checkpointing(hw, "auto", activation_bytes=20 << 30, weight_bytes=1 << 30)
+    small = plan.choose_activation_checkpointing(hw, "auto", activation_bytes=1 << 30, weight_bytes=1 << 30)
+    big = plan.choose_activation_checkpointing(hw, "auto", activation_bytes=20 << 30, weight_bytes=1 << 30)
     assert small.value is False and big.value is True and "exceeds" in big.reason
-    assert hardware.choose_activation_checkpointing(hw, "on", activation_bytes=0, weight_bytes=0).value is True
+    assert plan.choose_activation_checkpointing(hw, "on", activation_bytes=0, weight_bytes=0).value is True
 
 
 def test_allocator_setting_on_cpu_with_glibc(monkeypatch):
     import ctypes
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setattr(hardware, "loaded_allocator", lambda: None)
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
     if not hasattr(ctypes.CDLL(None), "mallopt"):
         pytest.skip("no glibc mallopt here")
-    d = hardware.apply_allocator_setting(Hardware("cpu", cores=2))
+    d = allocator.apply_allocator_setting(Hardware("cpu", cores=2))
     assert d.value == "mmap threshold 8 MiB" and "MALLOC_MMAP_THRESHOLD_" in d.reason
 
 
 def _fake_libc(monkeypatch, calls):
-    """hardware._libc answering malloc_trim and tcmalloc's ReleaseFreeMemory with recorders."""
+    """allocator._libc answering malloc_trim and tcmalloc's ReleaseFreeMemory with recorders."""
     import threading
 
     fakes = {
         "malloc_trim": lambda pad: calls.append(("malloc_trim", pad, threading.get_ident())),
         "MallocExtension_ReleaseFreeMemory": lambda: calls.append(("tcmalloc", 0, threading.get_ident())),
     }
-    monkeypatch.setattr(hardware, "_libc", lambda name, *a: fakes.get(name) or pytest.fail(f"{name} called"))
+    monkeypatch.setattr(allocator, "_libc", lambda name, *a: fakes.get(name) or pytest.fail(f"{name} called"))
 
 
-@pytest.mark.parametrize(("value", "call"), [(hardware.TUNED_ALLOCATOR, "malloc_trim"), ("tcmalloc", "tcmalloc")])
+@pytest.mark.parametrize(("value", "call"), [(allocator.TUNED_ALLOCATOR, "malloc_trim"), ("tcmalloc", "tcmalloc")])
 def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch, value, call):
     import threading
     import time
 
     calls = []
     _fake_libc(monkeypatch, calls)
-    with hardware.trimming_heap(hardware.Decision(value, ""), interval_s=0.01) as on:
+    with allocator.trimming_heap(hardware.Decision(value, ""), interval_s=0.01) as on:
         assert on is True
         time.sleep(0.2)
     during = len(calls)
@@ -146,8 +151,8 @@ def test_heap_is_trimmed_while_loading_and_once_after(monkeypatch, value, call):
 
 @pytest.mark.parametrize("value", ["default", "environment", "jemalloc", "mimalloc"])
 def test_heap_is_left_alone_where_kubetune_does_not_manage_malloc(monkeypatch, value):
-    monkeypatch.setattr(hardware, "_libc", lambda *a: pytest.fail("no release call may be looked up"))
-    with hardware.trimming_heap(hardware.Decision(value, "")) as on:
+    monkeypatch.setattr(allocator, "_libc", lambda *a: pytest.fail("no release call may be looked up"))
+    with allocator.trimming_heap(hardware.Decision(value, "")) as on:
         assert on is False
 
 
@@ -168,7 +173,7 @@ def test_heap_trimming_with_the_real_glibc():
     pin = torch.ones(1 << 14)  # above them: the heap's top cannot shrink past it
     del kept
     before = _rss_bytes()
-    with hardware.trimming_heap(hardware.Decision(hardware.TUNED_ALLOCATOR, ""), interval_s=0.01) as on:
+    with allocator.trimming_heap(hardware.Decision(allocator.TUNED_ALLOCATOR, ""), interval_s=0.01) as on:
         assert on is True
     assert before - _rss_bytes() > 64 << 20  # measured here: all 128 MiB
     assert pin.sum().item() == 1 << 14
@@ -191,9 +196,9 @@ def test_allocator_is_left_alone_where_it_should_be(monkeypatch, env, loaded, hw
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(hardware, "loaded_allocator", lambda: loaded)
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: loaded)
     monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
-    d = hardware.apply_allocator_setting(hw)
+    d = allocator.apply_allocator_setting(hw)
     assert d.value == expected
     if loaded:
         assert loaded in d.reason and "preloaded by the environment" in d.reason
@@ -212,9 +217,9 @@ def test_allocator_decision_names_kubetunes_own_preload(monkeypatch, tmp_path, n
     mapped = tmp_path / "libtcmalloc_minimal.so.4.5.10"
     mapped.write_bytes(b"")
     (tmp_path / "libtcmalloc_minimal.so.4").symlink_to(mapped.name)
-    monkeypatch.setattr(hardware, "loaded_allocator", lambda: str(mapped))
-    monkeypatch.setenv(hardware.PRELOADED_BY_ENV, named.format(dir=tmp_path))
-    d = hardware.apply_allocator_setting(Hardware("cpu"))
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: str(mapped))
+    monkeypatch.setenv(allocator.PRELOADED_BY_ENV, named.format(dir=tmp_path))
+    d = allocator.apply_allocator_setting(Hardware("cpu"))
     assert d.value == "tcmalloc" and str(mapped) in d.reason
     if ours:
         assert "preloaded by kubetune" in d.reason and "KUBETUNE_ALLOCATOR=system" in d.reason
@@ -231,15 +236,15 @@ def _library_dir(tmp_path, name="libtcmalloc_minimal.so.4"):
 
 def test_preload_env_finds_tcmalloc_in_ld_library_path_first(tmp_path):
     folder = _library_dir(tmp_path)
-    env = hardware.allocator_preload_env({"LD_LIBRARY_PATH": f"/nonexistent:{folder}", "LD_PRELOAD": "libfoo.so"})
+    env = allocator.allocator_preload_env({"LD_LIBRARY_PATH": f"/nonexistent:{folder}", "LD_PRELOAD": "libfoo.so"})
     lib = str(folder / "libtcmalloc_minimal.so.4")
     assert env["LD_PRELOAD"] == f"{lib} libfoo.so"  # kubetune's first, the user's kept
-    assert env[hardware.PRELOADED_BY_ENV] == lib
+    assert env[allocator.PRELOADED_BY_ENV] == lib
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     # the full gperftools build's name works too
     (tmp_path / "full").mkdir()
     other = _library_dir(tmp_path / "full", "libtcmalloc.so.4")
-    assert hardware.find_tcmalloc({"LD_LIBRARY_PATH": str(other)}) == str(other / "libtcmalloc.so.4")
+    assert allocator.find_tcmalloc({"LD_LIBRARY_PATH": str(other)}) == str(other / "libtcmalloc.so.4")
 
 
 @pytest.mark.parametrize(
@@ -253,16 +258,16 @@ def test_preload_env_finds_tcmalloc_in_ld_library_path_first(tmp_path):
 )
 def test_preload_env_leaves_the_process_alone(tmp_path, env):
     folder = _library_dir(tmp_path)
-    assert hardware.allocator_preload_env({**env, "LD_LIBRARY_PATH": str(folder)}) is None
+    assert allocator.allocator_preload_env({**env, "LD_LIBRARY_PATH": str(folder)}) is None
 
 
 def test_preload_env_without_tcmalloc(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "find_tcmalloc", lambda env=None: None)
-    assert hardware.allocator_preload_env({}) is None  # auto: the C library's malloc, tuned by the train stage
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda env=None: None)
+    assert allocator.allocator_preload_env({}) is None  # auto: the C library's malloc, tuned by the train stage
     with pytest.raises(UserError, match=r"KUBETUNE_ALLOCATOR=tcmalloc, but no libtcmalloc_minimal.so.4.*apt-get"):
-        hardware.allocator_preload_env({"KUBETUNE_ALLOCATOR": "tcmalloc"})
+        allocator.allocator_preload_env({"KUBETUNE_ALLOCATOR": "tcmalloc"})
     with pytest.raises(UserError, match=r"KUBETUNE_ALLOCATOR='jemalloc' is not an allocator choice: use auto"):
-        hardware.allocator_preload_env({"KUBETUNE_ALLOCATOR": "jemalloc"})
+        allocator.allocator_preload_env({"KUBETUNE_ALLOCATOR": "jemalloc"})
 
 
 def test_loaded_allocator_reads_this_process_maps():
@@ -272,7 +277,7 @@ def test_loaded_allocator_reads_this_process_maps():
 
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc", "mimalloc")):
         pytest.skip("this pytest runs under a preloaded allocator")
-    assert hardware.loaded_allocator() is None
+    assert allocator.loaded_allocator() is None
 
 
 @pytest.mark.parametrize(
@@ -295,7 +300,7 @@ def test_the_cli_restarts_under_tcmalloc_only_for_commands_that_load_a_model(mon
     folder = _library_dir(tmp_path)
     monkeypatch.setenv("LD_LIBRARY_PATH", str(folder))
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.delenv(hardware.ALLOCATOR_ENV, raising=False)
+    monkeypatch.delenv(allocator.ALLOCATOR_ENV, raising=False)
     calls = []
     monkeypatch.setattr(cli.os, "execve", lambda path, args, env: calls.append((path, args, env)))
     cli._restart_under_allocator(argv)
@@ -312,7 +317,7 @@ def test_the_cli_carries_on_where_it_cannot_restart(monkeypatch, tmp_path, capsy
 
     monkeypatch.setenv("LD_LIBRARY_PATH", str(_library_dir(tmp_path)))
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.delenv(hardware.ALLOCATOR_ENV, raising=False)
+    monkeypatch.delenv(allocator.ALLOCATOR_ENV, raising=False)
 
     def refuse(*_):
         raise PermissionError(13, "Permission denied")

@@ -1,4 +1,4 @@
-"""kubetune.layers: the lean RMSNorm and SiLU-gated MLP compute what transformers' modules compute."""
+"""kubetune.cpu.layers: the lean RMSNorm and SiLU-gated MLP compute what transformers' modules compute."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from kubetune import layers
+from kubetune.cpu import layers
 
 
 def _norm(width: int, dtype: torch.dtype, trainable: bool = False) -> LlamaRMSNorm:

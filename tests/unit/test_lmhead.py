@@ -6,8 +6,8 @@ import pytest
 import torch
 from trl.kernels import ChunkedLogProbFunction
 
-from kubetune import lmhead
-from kubetune.lmhead import TokenChunkedLogProb
+from kubetune.cpu import lmhead
+from kubetune.cpu.lmhead import TokenChunkedLogProb
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

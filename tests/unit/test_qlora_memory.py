@@ -258,7 +258,7 @@ def test_without_activation_checkpointing_nothing_is_hooked(bf16_dir):
 
 
 def test_train_stage_qlora_at_bf16_keeps_the_base_in_bf16(tmp_path, bf16_dir, monkeypatch):
-    from kubetune import config
+    from kubetune import config, sft
     from kubetune import train as train_mod
     from kubetune.pack import pack
     from kubetune.prepare import prepare
@@ -289,7 +289,7 @@ def test_train_stage_qlora_at_bf16_keeps_the_base_in_bf16(tmp_path, bf16_dir, mo
     )
     packed = pack(cfg, prepare(cfg, tmp_path / "prepared"), tmp_path / "packed")
     seen: dict = {}
-    real = train_mod._trainer_class
+    real = sft.trainer_class
 
     def spying():
         class Spy(real()):
@@ -302,7 +302,7 @@ def test_train_stage_qlora_at_bf16_keeps_the_base_in_bf16(tmp_path, bf16_dir, mo
 
         return Spy
 
-    monkeypatch.setattr(train_mod, "_trainer_class", spying)
+    monkeypatch.setattr(sft, "trainer_class", spying)
     out = train_mod.train(cfg, packed, tmp_path / "adapter")
     assert seen["quantised"] > 0
     assert seen["rest"] and set(seen["rest"].values()) == {torch.bfloat16}, seen["rest"]

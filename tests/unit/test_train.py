@@ -12,21 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune import artifacts, config
-from kubetune import train as train_mod
+from kubetune import artifacts, config, plan, sft
+from kubetune.checkpoints import COMPLETE_MARKER, FINGERPRINT_FILE, checkpoint_problem, choose_resume, mark_complete
 from kubetune.errors import Preempted, UserError
 from kubetune.pack import pack
 from kubetune.prepare import prepare
-from kubetune.train import (
-    COMPLETE_MARKER,
-    FINGERPRINT_FILE,
-    PackedRowsCollator,
-    TokenCounter,
-    checkpoint_problem,
-    choose_resume,
-    mark_complete,
-    train,
-)
+from kubetune.sft import PackedRowsCollator, TokenCounter
+from kubetune.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +88,7 @@ def summary_of(adapter: Path) -> dict:
 def spy(monkeypatch):
     """Record every parameter before and after ``trainer.train()`` and which ones were trainable."""
     seen: dict = {}
-    real = train_mod._trainer_class
+    real = sft.trainer_class
 
     def spying():
         base = real()
@@ -114,7 +106,7 @@ def spy(monkeypatch):
 
         return Spy
 
-    monkeypatch.setattr(train_mod, "_trainer_class", spying)
+    monkeypatch.setattr(sft, "trainer_class", spying)
     return seen
 
 
@@ -208,7 +200,7 @@ def test_qlora_4bit_on_cpu_trains_only_the_adapter(workspace, tmp_path, spy):
     assert any(t.dtype == torch.uint8 for n, t in spy["before"].items() if n not in spy["trainable"])
     summary = summary_of(out)
     assert summary["method"] == "qlora" and summary["global_step"] == 3
-    # on a CPU every 4-bit projection trains through kubetune.layers.Linear4bitFunction
+    # on a CPU every 4-bit projection trains through kubetune.cpu.layers.Linear4bitFunction
     packed = [n for n, t in spy["before"].items() if t.dtype == torch.uint8]
     assert summary["lean_layers"]["linear4bit"] == len(packed) > 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
@@ -277,28 +269,29 @@ def test_head_and_dropout_sampler_decisions(tmp_path, device, train_cfg, dropout
     from kubetune.hardware import Hardware
 
     hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
-    cfg = base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg, lora={"dropout": dropout})
-    got_head, got_sampler = train_mod.choose_lm_head(cfg, hw), train_mod.choose_dropout_sampler(cfg, hw)
+    cfg = base_cfg(tmp_path, tmp_path, tmp_path, cpu=train_cfg, lora={"dropout": dropout})
+    got_head, got_sampler = plan.choose_lm_head(cfg, hw), plan.choose_dropout_sampler(cfg, hw)
     assert (got_head.value, got_sampler.value) == (head, sampler)
     if "lm_head" in train_cfg:
-        assert got_head.reason == "set in config (train.lm_head)"
+        assert got_head.reason == "set in config (cpu.lm_head)"
     if "dropout_sampler" in train_cfg:
-        assert got_sampler.reason == "set in config (train.dropout_sampler)"
+        assert got_sampler.reason == "set in config (cpu.dropout_sampler)"
 
 
 @pytest.mark.parametrize("key", ["lean_layers", "split_gemms"])  # the two CPU layer rewrites, one rule
 @pytest.mark.parametrize(
     ("device", "setting", "expected"),
-    [("cpu", "auto", "on"), ("cuda", "auto", "off"), ("cpu", "off", "off"), ("cpu", "ipex", "off")],
-    ids=["cpu-auto", "gpu-auto", "cpu-set", "ipex"],
+    [("cpu", "auto", "on"), ("cuda", "auto", "off"), ("cpu", "off", "off"), ("cuda", "on", "on")],
+    ids=["cpu-auto", "gpu-auto", "cpu-set", "gpu-set"],
 )
 def test_cpu_layer_rewrite_decisions(tmp_path, key, device, setting, expected):
     from kubetune.hardware import Hardware
 
     hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
-    train_cfg = {"ipex": True} if setting == "ipex" else {key: setting}
-    got = getattr(train_mod, f"choose_{key}")(base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg), hw)
+    got = getattr(plan, f"choose_{key}")(base_cfg(tmp_path, tmp_path, tmp_path, cpu={key: setting}), hw)
     assert got.value == expected and got.reason
+    if setting != "auto":
+        assert got.reason == f"set in config (cpu.{key})"
 
 
 @pytest.mark.parametrize(
@@ -312,14 +305,13 @@ def test_cpu_layer_rewrite_decisions(tmp_path, key, device, setting, expected):
     ],
     ids=["cpu-auto", "cpu-odd-batch", "cpu-short-of-memory", "cpu-set", "gpu-auto"],
 )
-def test_micro_batch_decision(tmp_path, monkeypatch, device, train_cfg, available_gib, rows):
-    from kubetune import hardware
+def test_micro_batch_decision(tmp_path, device, train_cfg, available_gib, rows):
     from kubetune.hardware import Hardware
 
-    monkeypatch.setattr(hardware, "available_memory_bytes", lambda hw: available_gib << 30)
-    hw = Hardware(device, cores=2) if device == "cpu" else Hardware("cuda", cuda_name="L4", cuda_bf16=True)
+    gpu = Hardware("cuda", cuda_name="L4", cuda_bf16=True, cuda_memory_bytes=available_gib << 30)
+    hw = Hardware(device, cores=2, memory_bytes=available_gib << 30) if device == "cpu" else gpu
     cfg = base_cfg(tmp_path, tmp_path, tmp_path, train=train_cfg)
-    got = train_mod.choose_micro_batch(cfg, hw, activation_bytes_per_row=700 << 20, weight_bytes=300 << 20)
+    got = plan.choose_micro_batch(cfg, hw, activation_bytes_per_row=700 << 20, weight_bytes=300 << 20)
     assert got.value == rows and got.reason
     if "micro_batch_size" in train_cfg:
         assert got.reason == "set in config (train.micro_batch_size)"
@@ -330,10 +322,10 @@ def test_token_chunked_head_trains_like_trls_head(workspace, tmp_path):
     got = {}
     for head in ("trl", "chunked"):
         # fp32 on every CI machine (AMX would pick bf16, whose rounding differs between the two heads' GEMMs)
-        cfg = cfg_in(workspace, tmp_path / head, train={"lm_head": head, "max_steps": 3, "precision": "fp32"})
+        cfg = cfg_in(workspace, tmp_path / head, cpu={"lm_head": head}, train={"max_steps": 3, "precision": "fp32"})
         out = train(cfg, workspace["packed"], tmp_path / head / "adapter")
         s = summary_of(out)
-        assert s["settings"]["lm_head"] == {"value": head, "reason": "set in config (train.lm_head)"}
+        assert s["settings"]["lm_head"] == {"value": head, "reason": "set in config (cpu.lm_head)"}
         got[head] = (s["loss_curve"], adapter_tensors(out))
     (trl_curve, trl_weights), (curve, weights) = got["trl"], got["chunked"]
     assert [st for st, _ in curve] == [st for st, _ in trl_curve] == [1, 2, 3]
@@ -344,7 +336,7 @@ def test_token_chunked_head_trains_like_trls_head(workspace, tmp_path):
     # and the hook is gone once training is over
     import trl.trainer.utils as trl_utils
 
-    from kubetune.lmhead import TokenChunkedLogProb
+    from kubetune.cpu.lmhead import TokenChunkedLogProb
 
     assert trl_utils._ChunkedLogProbFunction is not TokenChunkedLogProb
 
@@ -399,14 +391,14 @@ def _sigterm_at(monkeypatch, step: int):
     """Send this process a real SIGTERM when training reaches ``step`` (the stage's handler is installed)."""
     from transformers import TrainerCallback
 
-    real = train_mod._make_callbacks
+    real = sft.callbacks
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == step:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a, **kw: [Kill(), *real(*a, **kw)])
+    monkeypatch.setattr(sft, "callbacks", lambda *a, **kw: [Kill(), *real(*a, **kw)])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -434,7 +426,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(workspace, tmp_path, mo
     assert (s["resumed_from_step"], s["global_step"], s["max_steps"], s["steps_this_run"]) == (3, steps, steps, 5)
     assert s["tokens_seen"] == r["tokens_seen"]  # every trained token counted once over the two runs
     assert [st for st, _ in s["loss_curve"]] == list(range(1, steps + 1))  # the curve spans both runs
-    # with dropout, the CPU's bulk mask sampler (kubetune.dropout) draws from the generator the Trainer restores
+    # with dropout, the CPU's bulk mask sampler (kubetune.cpu.dropout) draws from the generator the Trainer restores
     assert s["settings"]["dropout_sampler"]["value"] == ("bulk" if dropout else "torch")
     got, want = adapter_tensors(out), adapter_tensors(ref)
     assert got.keys() == want.keys()
@@ -549,7 +541,7 @@ def test_choose_resume_skips_cut_off_and_damaged_checkpoints(tmp_path, caplog):
     fake_checkpoint(d, 25, seal=False)  # killed while the Trainer was writing it
     (d / "checkpoint-30").mkdir()  # killed right after the folder was made
     with caplog.at_level("WARNING"):
-        assert choose_resume(cfg, d, RUN) == d / "checkpoint-15"
+        assert choose_resume(cfg.train.resume, d, RUN) == d / "checkpoint-15"
     assert sorted(p.name for p in d.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
     text = caplog.text
     assert "checkpoint-25 is incomplete" in text and "checkpoint-30 is incomplete" in text
@@ -558,17 +550,17 @@ def test_choose_resume_skips_cut_off_and_damaged_checkpoints(tmp_path, caplog):
 
     # Checkpoints of another run are refused, never deleted or loaded.
     with pytest.raises(UserError, match="holds checkpoints of a different run"):
-        choose_resume(cfg, d, "0" * 64)
+        choose_resume(cfg.train.resume, d, "0" * 64)
     assert len(list(d.glob("checkpoint-*"))) == 3
     # ... even when the folder's run file is missing: each marker names its run.
     (d / FINGERPRINT_FILE).unlink()
     with pytest.raises(UserError, match="holds checkpoints of a different run"):
-        choose_resume(cfg, d, "0" * 64)
+        choose_resume(cfg.train.resume, d, "0" * 64)
     # `never` starts fresh and clears the folder.
-    assert choose_resume(config.from_dict({"train": {"resume": "never"}}), d, "0" * 64) is None
+    assert choose_resume(config.from_dict({"train": {"resume": "never"}}).train.resume, d, "0" * 64) is None
     assert not list(d.glob("checkpoint-*"))
     # An empty folder: start fresh.
-    assert choose_resume(cfg, tmp_path / "new", RUN) is None
+    assert choose_resume(cfg.train.resume, tmp_path / "new", RUN) is None
 
 
 def test_bf16_training_feeds_lora_layers_bf16_inputs(workspace, tmp_path, monkeypatch):
@@ -585,8 +577,8 @@ def test_bf16_training_feeds_lora_layers_bf16_inputs(workspace, tmp_path, monkey
                     assert module.weight.dtype == torch.float32
                     module.register_forward_pre_hook(lambda mod, inputs: seen.add(inputs[0].dtype))
 
-    make_callbacks = train_mod._make_callbacks
-    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k), Watch()])
+    make_callbacks = sft.callbacks
+    monkeypatch.setattr(sft, "callbacks", lambda *a, **k: [*make_callbacks(*a, **k), Watch()])
     cfg = cfg_in(workspace, tmp_path, train={"precision": "bf16", "max_steps": 3}, lora={"dropout": 0.1})
     s = summary_of(train(cfg, workspace["packed"], tmp_path / "adapter"))
     assert s["settings"]["precision"]["value"] == "bf16"

@@ -3,7 +3,7 @@
 A tensor of more than 8 MiB (glibc's mmap threshold as the train stage sets it) comes from a fresh memory map each
 time it is allocated, and the kernel must fault in and zero every page before the first write: measured on a 2-core
 CPU, a pass over 64 MiB of fresh memory took 3-10x as long as the same pass over memory already in use (``exp`` 27 ms
-against 8 ms). The LM head (:mod:`kubetune.lmhead`) keeps its large temporaries in a :class:`Workspace` for the
+against 8 ms). The LM head (:mod:`kubetune.cpu.lmhead`) keeps its large temporaries in a :class:`Workspace` for the
 duration of a training run.
 """
 

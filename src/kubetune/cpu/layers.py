@@ -20,7 +20,7 @@ quantised weight, as bitsandbytes keeps.
 
 :func:`install` swaps these in per module, after checking on a probe input that the module computes what the lean
 version computes (so a variant such as Gemma's ``(1 + weight)`` norm, or an MLP with another activation, is left
-as it is). The train stage installs them on CPU (``train.lean_layers``); the measured effect is in
+as it is). The train stage installs them on CPU (``cpu.lean_layers``); the measured effect is in
 docs/performance.md.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kubetune.workspace import Workspace
+from kubetune.cpu.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SiluMulFunction(torch.autograd.Function):
 
 
 # The dequantised weight (one 4-bit layer's at a time) and its dequantised block scales; kept between calls while the
-# layers are installed (kubetune.workspace says why), freed by release_workspace().
+# layers are installed (kubetune.cpu.workspace says why), freed by release_workspace().
 _WORKSPACE = Workspace()
 _NATIVE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

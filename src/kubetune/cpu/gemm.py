@@ -13,7 +13,7 @@ pass's token count, as one GEMM and as 2-4 column blocks, and keeps a split only
 Only frozen ``nn.Linear`` layers (a LoRA model's base layers) are routed: their weight needs no gradient, so
 :class:`SplitLinearFunction` computes the output and the input gradient and nothing else, keeping only a reference
 to the weight for backward, as ``F.linear`` keeps. The result is the same product (each output element is the same
-dot product; only which GEMM call computes it changes). The train stage installs it on CPU (``train.split_gemms``).
+dot product; only which GEMM call computes it changes). The train stage installs it on CPU (``cpu.split_gemms``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kubetune.workspace import Workspace
+from kubetune.cpu.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _in_dtype(weight, bias, dtype):
 
 # the chunk's logits in the compute dtype (also backward's gradient of the logits) and two fp32 buffers, each
 # chunk_tokens(vocab) x vocab, and the probabilities kept for backward (lent to one forward until its backward), all
-# kept while token_chunked_head() is active (kubetune.workspace says why)
+# kept while token_chunked_head() is active (kubetune.cpu.workspace says why)
 _WORKSPACE = Workspace()
 
 
