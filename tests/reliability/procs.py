@@ -95,7 +95,7 @@ def sealed_steps(ckpt_dir: Path) -> list[int]:
 
 def intact_steps(ckpt_dir: Path) -> list[int]:
     """Steps of the checkpoints that pass the full check the trainer does before resuming."""
-    from kubetune.train import checkpoint_problem
+    from kubetune.checkpoints import checkpoint_problem
 
     return sorted(
         int(p.name.rsplit("-", 1)[1])

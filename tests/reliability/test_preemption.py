@@ -86,8 +86,8 @@ def test_sigterm_before_training_starts_exits_3_and_saves_nothing(ws, tmp_path):
 # A stand-in for a training step that never finishes: the handler of the train stage, then a long sleep.
 _STUCK = """
 import sys, time
-from kubetune.train import _Preemption
-with _Preemption(float(sys.argv[1])):
+from kubetune.preemption import Preemption
+with Preemption(float(sys.argv[1])):
     print("ready", flush=True)
     time.sleep(float(sys.argv[2]))
     print("left the stage", flush=True)
