@@ -1,29 +1,42 @@
-"""The pipeline parameters a person sets in the Kubeflow UI's run form, and the config keys behind them.
+"""The pipeline parameters a person sets in the Kubeflow UI's run form, the config keys behind them, and their
+defaults.
 
-One table, used everywhere the parameters appear: the components build a ``kubetune.config.Config`` from them
-(:func:`components.runtime.build_config`), the CLI derives them from a config file
-(:func:`pipelines.arguments.pipeline_arguments`), and their descriptions go into the compiled pipeline spec,
-which the KFP UI shows next to each field.
+One table, used everywhere the parameters appear: the pipeline's signature takes its types and defaults from it
+(:func:`defaults`), the components build a ``kubetune.config.Config`` from them
+(:func:`components.runtime.build_config`, which calls :func:`kubetune.config.layer`), the CLI derives them from a
+config file (:func:`pipelines.arguments.pipeline_arguments`), and their descriptions go into the compiled pipeline
+spec, which the KFP UI shows next to each field.
+
+A parameter that sets a config key takes its default from ``kubetune.config.Config`` (so ``learning_rate``'s
+default is ``train.learning_rate``'s, and nowhere else), except the few ``form`` presets below: the library has no
+default model or dataset, and a form submitted unchanged must fine-tune something in a bounded time.
 
 Precedence inside a component: ``config_yaml`` (a whole config as YAML text) < the named parameters <
 ``overrides`` (``["lora.r=8", ...]``). A named string parameter left empty (``""``) keeps the value from
 ``config_yaml`` (or the library default), so the UI can hand a key back to ``config_yaml``.
 
-This module imports neither kfp nor kubetune: it is read at compile time and inside the component containers.
+This module imports neither kfp nor (until :func:`defaults` is called) kubetune: it is read at compile time and
+inside the component containers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+LIBRARY = object()  # Param.form: the run form's default is the library's (``Config``'s) value of the key
 
 
 @dataclass(frozen=True)
 class Param:
-    """A pipeline parameter: its UI name, the config key it sets (None: pipeline-only) and what it does."""
+    """A pipeline parameter: its UI name, the config key it sets (None: pipeline-only), what it does, its type in
+    the pipeline's signature and the run form's default (:data:`LIBRARY`: the config key's default)."""
 
     name: str
     key: str | None
     doc: str
+    type: type = str
+    form: Any = LIBRARY
 
 
 PARAMS: tuple[Param, ...] = (
@@ -32,12 +45,14 @@ PARAMS: tuple[Param, ...] = (
         "model.name_or_path",
         "Base model: a Hugging Face hub id, a folder the pods can read, or a "
         ".gguf file. Empty: the model in config_yaml.",
+        form="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     Param(
         "dataset",
         "data.path",
         "Training data: a hub dataset id, a gs:// or local path the pods can read "
         "(.jsonl/.json/.parquet/.csv or a folder of them). Empty: config_yaml's.",
+        form="yahma/alpaca-cleaned",
     ),
     Param("method", "method", "`lora` (full-precision base) or `qlora` (4-bit base through bitsandbytes)."),
     Param(
@@ -45,21 +60,29 @@ PARAMS: tuple[Param, ...] = (
         None,
         "Where training runs: `cpu` (the C3 pool, bf16 on AMX) or `gpu` (the GPU pool, "
         "one GPU, an L4 by default). Every other stage runs on the CPU pool.",
+        form="cpu",
     ),
-    Param("learning_rate", "train.learning_rate", "Peak learning rate."),
-    Param("max_steps", "train.max_steps", "Optimizer steps; -1 trains for `epochs` instead."),
-    Param("epochs", "train.epochs", "Epochs over the packed rows when max_steps is -1."),
-    Param("lora_r", "lora.r", "LoRA rank."),
-    Param("lora_alpha", "lora.alpha", "LoRA alpha (scaling = alpha / r)."),
-    Param("lora_dropout", "lora.dropout", "Dropout on the LoRA input (0 takes PEFT's faster path)."),
-    Param("max_length", "pack.max_length", "Tokens per packed row, and the longest example kept."),
-    Param("eval_size", "data.eval_size", "Held-out rows: a fraction in (0, 1) or a row count >= 1."),
+    Param("learning_rate", "train.learning_rate", "Peak learning rate.", type=float),
+    Param("max_steps", "train.max_steps", "Optimizer steps; -1 trains for `epochs` instead.", type=int, form=300),
+    Param("epochs", "train.epochs", "Epochs over the packed rows when max_steps is -1.", type=float),
+    Param("lora_r", "lora.r", "LoRA rank.", type=int),
+    Param("lora_alpha", "lora.alpha", "LoRA alpha (scaling = alpha / r).", type=float),
+    Param("lora_dropout", "lora.dropout", "Dropout on the LoRA input (0 takes PEFT's faster path).", type=float),
+    Param("max_length", "pack.max_length", "Tokens per packed row, and the longest example kept.", type=int),
+    Param(
+        "eval_size",
+        "data.eval_size",
+        "Held-out rows: a fraction in (0, 1) or a row count >= 1.",
+        type=float,
+        form=200.0,
+    ),
     Param(
         "min_improvement",
         "tracking.min_improvement",
         "Promotion gate: the adapter becomes `champion` only if "
         "its eval loss beats the champion's (or the base model's) "
         "by at least this much.",
+        type=float,
     ),
     Param("experiment", "tracking.experiment", "MLflow experiment that receives the run."),
     Param(
@@ -78,28 +101,36 @@ PARAMS: tuple[Param, ...] = (
         "A path in the train pod that outlives it (the checkpoint PVC mount, or a GCS "
         "FUSE mount). Checkpoints go to <checkpoint_root>/<run id>, so a retried train "
         "task resumes. Empty: inside the pod (a retry starts over).",
+        form="",
     ),
     Param(
         "force",
         None,
         "Train even when the prepared data is identical to the data behind the current champion.",
+        type=bool,
+        form=False,
     ),
     Param(
         "refresh_data",
         None,
         "Re-read the dataset even when an identical earlier run's prepare output is cached "
         "(recurring schedules set it, so they see new data behind an unchanged path).",
+        type=bool,
+        form=False,
     ),
     Param(
         "config_yaml",
         None,
         "A whole kubetune config as YAML text (see `kubetune config --explain`); the named "
         "parameters and overrides are applied on top of it.",
+        form="",
     ),
     Param(
         "overrides",
         None,
         'Extra config overrides applied last, e.g. ["lora.target_modules=[q_proj,v_proj]", "train.batch_size=8"].',
+        type=list,
+        form=(),
     ),
 )
 
@@ -109,3 +140,25 @@ BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 CONFIG_KEYS: dict[str, str] = {p.name: p.key for p in PARAMS if p.key is not None}
 
 ACCELERATORS = ("cpu", "gpu")
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter's run-form default, by name: the form preset, else the config key's default in
+    ``kubetune.config.Config`` as the parameter's type (a key whose default is None: ``""``, which keeps it)."""
+    from kubetune.config import Config
+
+    library = Config().to_dict()
+    out: dict[str, Any] = {}
+    for p in PARAMS:
+        value = p.form
+        if value is LIBRARY:
+            value = _lookup(library, p.key)
+            value = "" if value is None else p.type(value)
+        out[p.name] = list(value) if p.type is list else value
+    return out
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree

@@ -29,34 +29,13 @@ def _user_error(message: str) -> Exception:
     return UserError(message)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = value
-
-
-def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` merged in, section by section (neither is modified)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 _KEY_IN_MESSAGE = re.compile(r"config key `([^`]+)`")
 _PARAM_OF_KEY = {key: name for name, key in CONFIG_KEYS.items()}
 
 
 def build_config(config_yaml: str, overrides: list[str] | None, **params: Any):
-    """The stage's ``kubetune.config.Config``: ``config_yaml`` < named ``params`` < ``overrides``.
+    """The stage's ``kubetune.config.Config``: ``config_yaml`` < named ``params`` < ``overrides``, layered by
+    :func:`kubetune.config.layer` (the same layering ``kubetune --config FILE --set ...`` uses).
 
     ``params`` are pipeline parameters named as in :mod:`components.params` (a string left ``""`` keeps the
     value from ``config_yaml``). Bad values raise ``UserError`` naming the pipeline parameter and the config
@@ -64,7 +43,7 @@ def build_config(config_yaml: str, overrides: list[str] | None, **params: Any):
     """
     import yaml
 
-    from kubetune.config import ConfigError, from_dict, parse_overrides
+    from kubetune.config import ConfigError, from_dict, layer
 
     try:
         data = yaml.safe_load(config_yaml) if config_yaml and config_yaml.strip() else {}
@@ -81,22 +60,19 @@ def build_config(config_yaml: str, overrides: list[str] | None, **params: Any):
             f"pipeline parameter `config_yaml`: expected a mapping of config sections, got "
             f"{type(data).__name__}; see `kubetune config --explain`"
         )
-    for name, value in params.items():
+    for name in params:
         if name not in CONFIG_KEYS:
             raise TypeError(f"{name!r} is not a pipeline parameter that sets a config key")  # programming error
-        if isinstance(value, str) and value == "":
-            continue
-        _set_dotted(data, CONFIG_KEYS[name], value)
-    if overrides:
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise _user_error(
-                f"pipeline parameter `overrides`: expected a list of KEY=VALUE strings such as "
-                f'["lora.r=8"], got {overrides!r}'
-            )
-        try:
-            data = deep_merge(data, parse_overrides(overrides))
-        except ConfigError as err:
-            raise _user_error(f"pipeline parameter `overrides`: {err}") from None
+    named = {CONFIG_KEYS[name]: value for name, value in params.items() if not (isinstance(value, str) and value == "")}
+    if overrides and (not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides)):
+        raise _user_error(
+            f"pipeline parameter `overrides`: expected a list of KEY=VALUE strings such as "
+            f'["lora.r=8"], got {overrides!r}'
+        )
+    try:
+        data = layer(data, named, overrides)  # the named keys are fixed and well-formed: errors are the overrides'
+    except ConfigError as err:
+        raise _user_error(f"pipeline parameter `overrides`: {err}") from None
     try:
         return from_dict(data)
     except ConfigError as err:
@@ -108,17 +84,15 @@ def build_config(config_yaml: str, overrides: list[str] | None, **params: Any):
         raise _user_error(f"pipeline parameters: {message}") from None
 
 
-def config_from(arguments: Mapping[str, Any], **extra: Any):
-    """The Config for a component body: pass it ``locals()`` (its arguments) first thing.
-
-    Picks ``config_yaml``, ``overrides`` and the named config parameters out of ``arguments`` (artifacts and
-    pipeline-only parameters are ignored), applies ``extra`` dotted keys whose value is not None, and turns on
-    INFO logging to stderr so the stage's progress shows in the task's log.
-    """
+def config_from(
+    config_yaml: str, overrides: list[str] | None, *, extra: Mapping[str, Any] | None = None, **params: Any
+):
+    """The Config for a component body: :func:`build_config` of its config parameters, then ``extra`` dotted
+    keys whose value is not None (e.g. the train task's checkpoint folder); also turns on INFO logging to stderr so
+    the stage's progress shows in the task's log."""
     _setup_logging()
-    params = {name: value for name, value in arguments.items() if name in CONFIG_KEYS}
-    cfg = build_config(arguments.get("config_yaml", ""), arguments.get("overrides"), **params)
-    extra = {key: value for key, value in extra.items() if value is not None}
+    cfg = build_config(config_yaml, overrides, **params)
+    extra = {key: value for key, value in (extra or {}).items() if value is not None}
     return cfg.replace(**extra) if extra else cfg
 
 

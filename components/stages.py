@@ -33,7 +33,7 @@ def prepare(
     from components import runtime
     from kubetune.prepare import prepare as run_prepare
 
-    cfg = runtime.config_from(locals())
+    cfg = runtime.config_from(config_yaml, overrides, dataset=dataset, eval_size=eval_size)
     out = run_prepare(cfg, prepared_dataset.path)
     runtime.annotate(prepared_dataset, out)
     runtime.publish_markdown(out, "data_report.md", data_report)
@@ -74,7 +74,25 @@ def check_unchanged(
     """
     from components import runtime
 
-    cfg = runtime.config_from(locals())
+    cfg = runtime.config_from(
+        config_yaml,
+        overrides,
+        model=model,
+        dataset=dataset,
+        method=method,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        epochs=epochs,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        eval_size=eval_size,
+        min_improvement=min_improvement,
+        experiment=experiment,
+        registered_model=registered_model,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+    )
     verdict, report = runtime.decide(cfg, prepared_dataset.path, force=force, accelerator=accelerator)
     runtime.write_markdown(decision, report)
     return verdict
@@ -100,7 +118,7 @@ def pack(
     from components import runtime
     from kubetune.pack import pack as run_pack
 
-    cfg = runtime.config_from(locals())
+    cfg = runtime.config_from(config_yaml, overrides, model=model, max_length=max_length)
     out = run_pack(cfg, prepared_dataset.path, packed_dataset.path)
     runtime.annotate(packed_dataset, out)
     runtime.publish_markdown(out, "pack_report.md", pack_report)
@@ -146,7 +164,26 @@ def train(
     from kubetune import hardware
     from kubetune.train import train as run_train
 
-    cfg = runtime.config_from(locals(), **{"train.checkpoint_dir": runtime.checkpoint_dir(checkpoint_root, run_id)})
+    cfg = runtime.config_from(
+        config_yaml,
+        overrides,
+        extra={"train.checkpoint_dir": runtime.checkpoint_dir(checkpoint_root, run_id)},
+        model=model,
+        dataset=dataset,
+        method=method,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        epochs=epochs,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        eval_size=eval_size,
+        min_improvement=min_improvement,
+        experiment=experiment,
+        registered_model=registered_model,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+    )
     out = run_train(cfg, packed_dataset.path, adapter.path, hw=hardware.detect(**hardware.overrides(os.environ)))
     runtime.annotate(adapter, out, base_model=cfg.model.name_or_path, method=cfg.method)
     runtime.log_metrics(train_metrics, runtime.read_json(out, "training_summary.json"))
@@ -190,7 +227,25 @@ def evaluate(
     from components import runtime
     from kubetune.evaluation import evaluate as run_evaluate
 
-    cfg = runtime.config_from(locals())
+    cfg = runtime.config_from(
+        config_yaml,
+        overrides,
+        model=model,
+        dataset=dataset,
+        method=method,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        epochs=epochs,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        eval_size=eval_size,
+        min_improvement=min_improvement,
+        experiment=experiment,
+        registered_model=registered_model,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+    )
     out = run_evaluate(cfg, adapter.path, packed_dataset.path, prepared_dataset.path, eval_report.path)
     runtime.annotate(eval_report, out)
     runtime.publish_markdown(out, "eval_report.md", eval_summary)
@@ -241,7 +296,25 @@ def register(
     from components import runtime
     from kubetune.register import register as run_register
 
-    cfg = runtime.config_from(locals())
+    cfg = runtime.config_from(
+        config_yaml,
+        overrides,
+        model=model,
+        dataset=dataset,
+        method=method,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        epochs=epochs,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        eval_size=eval_size,
+        min_improvement=min_improvement,
+        experiment=experiment,
+        registered_model=registered_model,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+    )
     out = run_register(
         cfg,
         adapter.path,

@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from components.params import ACCELERATORS, CONFIG_KEYS
-from components.runtime import deep_merge
-from kubetune.config import Config, ConfigError, load, parse_overrides
+from kubetune.config import Config, ConfigError, load, merge, parse_overrides
 from kubetune.errors import UserError
 
 
@@ -26,7 +25,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return deep_merge(raw, parse_overrides(overrides)), cfg
+    return merge(raw, parse_overrides(overrides)), cfg
 
 
 def _get(cfg: Config, dotted: str) -> Any:

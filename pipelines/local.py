@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.runtime import deep_merge
+from kubetune import dag
+from kubetune.config import merge
 from pipelines.arguments import load_config, pipeline_arguments
 
 
@@ -90,10 +91,11 @@ def collect(run_dir: Path) -> LocalRun:
             outputs[f"{task_dir.name}/{item.name}"] = item
     verdict = _task_parameters(run_dir / "check-unchanged").get("Output")
     registration = None
-    reg_file = run_dir / "register" / "registration" / "registration.json"
+    register = dag.BY_NAME["register"]
+    reg_file = run_dir / register.name / register.artifact / "registration.json"
     if reg_file.is_file():
         registration = json.loads(reg_file.read_text())
-    promotion = _task_parameters(run_dir / "register").get("Output")
+    promotion = _task_parameters(run_dir / register.name).get("Output")
     return LocalRun(run_dir=run_dir, verdict=verdict, outputs=outputs, registration=registration, promotion=promotion)
 
 
@@ -118,7 +120,7 @@ def run_local(
 
     root = Path(root).expanduser().resolve()
     raw, cfg = load_config(config, overrides)
-    raw = deep_merge(raw, {"output_dir": str(root)})
+    raw = merge(raw, {"output_dir": str(root)})
     cfg = cfg.replace(output_dir=str(root))
     arguments = pipeline_arguments(
         raw,

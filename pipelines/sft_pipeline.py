@@ -18,14 +18,16 @@ enter the spec: ``HF_TOKEN`` comes from the Secret ``hf-token`` and ``MLFLOW_TRA
 ``kubetune-settings``, both resolved by Kubernetes when the pod starts.
 """
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
 from components.factory import build
-from components.params import PARAMS
+from components.params import BY_NAME, CONFIG_KEYS, PARAMS, defaults
 from components.runtime import UNCHANGED
+from kubetune import dag
 from kubetune.errors import UserError
 from pipelines import placement
 from pipelines.images import Images, default_images
@@ -57,6 +59,18 @@ TRAIN_RETRY = {
 _HUB_TASKS = {"prepare", "prepare-fresh", "pack", "train-cpu", "train-gpu", "evaluate"}
 # Tasks that read or write the MLflow tracking server.
 _MLFLOW_TASKS = {"check-unchanged", "register"}
+
+
+def _signature(checkpoint_root: str) -> inspect.Signature:
+    """The pipeline's parameters, one per :data:`components.params.PARAMS` entry, with its type and run-form
+    default (:func:`components.params.defaults`: the library's config defaults, and the form presets)."""
+    form = {**defaults(), "checkpoint_root": checkpoint_root}
+    return inspect.Signature(
+        [
+            inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=form[p.name], annotation=p.type)
+            for p in PARAMS
+        ]
+    )
 
 
 def _docstring() -> str:
@@ -100,67 +114,33 @@ def build_pipeline(
     c = build(images.cpu, images.gpu)
     checkpoint_default = CHECKPOINT_MOUNT if checkpoint_pvc else ""
 
-    def sft_pipeline(
-        model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-        dataset: str = "yahma/alpaca-cleaned",
-        method: str = "lora",
-        accelerator: str = "cpu",
-        learning_rate: float = 2e-4,
-        max_steps: int = 300,
-        epochs: float = 1.0,
-        lora_r: int = 16,
-        lora_alpha: float = 32.0,
-        lora_dropout: float = 0.05,
-        max_length: int = 1024,
-        eval_size: float = 200.0,
-        min_improvement: float = 0.0,
-        experiment: str = "kubetune",
-        registered_model: str = "",
-        mlflow_tracking_uri: str = "",
-        checkpoint_root: str = checkpoint_default,
-        force: bool = False,
-        refresh_data: bool = False,
-        config_yaml: str = "",
-        overrides: list = [],  # noqa: B006 - read by the KFP compiler as the parameter's default, never mutated
-    ):
-        base = {"config_yaml": config_yaml, "overrides": overrides}
-        config = {
-            **base,
-            "model": model,
-            "dataset": dataset,
-            "method": method,
-            "learning_rate": learning_rate,
-            "max_steps": max_steps,
-            "epochs": epochs,
-            "lora_r": lora_r,
-            "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout,
-            "max_length": max_length,
-            "eval_size": eval_size,
-            "min_improvement": min_improvement,
-            "experiment": experiment,
-            "registered_model": registered_model,
-            "mlflow_tracking_uri": mlflow_tracking_uri,
-        }
+    def sft_pipeline(*values: Any) -> None:
+        # KFP calls this with one pipeline channel per parameter, in the order of the signature set below.
+        p = dict(zip(BY_NAME, values, strict=True))
+        base = {"config_yaml": p["config_yaml"], "overrides": p["overrides"]}
+        config = {**base, **{name: p[name] for name in CONFIG_KEYS}}
+        produced: dict[str, Any] = {}  # stage -> its output artifact (channel), as dag.STAGES names them
 
-        with dsl.If(refresh_data == True, name="refresh-data"):  # noqa: E712 - builds a KFP condition
+        def reads(stage: str) -> dict[str, Any]:
+            """The artifact inputs of ``stage``'s component: the outputs of the stages it reads."""
+            return {dag.BY_NAME[name].artifact: produced[name] for name in dag.BY_NAME[stage].inputs}
+
+        def output(task: Any, stage: str) -> Any:
+            return task.outputs[dag.BY_NAME[stage].artifact]
+
+        prepare_args = {"dataset": p["dataset"], "eval_size": p["eval_size"], **base}
+        with dsl.If(p["refresh_data"] == True, name="refresh-data"):  # noqa: E712 - builds a KFP condition
             fresh = _task(
-                c.prepare_fresh(dataset=dataset, eval_size=eval_size, **base),
-                stage="prepare",
-                display="Prepare data (fresh read)",
-                cache=False,
+                c.prepare_fresh(**prepare_args), stage="prepare", display="Prepare data (fresh read)", cache=False
             )
         with dsl.Else(name="reuse-cached-data"):
-            cached = _task(
-                c.prepare(dataset=dataset, eval_size=eval_size, **base),
-                stage="prepare",
-                display="Prepare data",
-                cache=True,
-            )
-        prepared = dsl.OneOf(fresh.outputs["prepared_dataset"], cached.outputs["prepared_dataset"])
+            cached = _task(c.prepare(**prepare_args), stage="prepare", display="Prepare data", cache=True)
+        produced["prepare"] = dsl.OneOf(output(fresh, "prepare"), output(cached, "prepare"))
 
         check = _task(
-            c.check_unchanged(prepared_dataset=prepared, accelerator=accelerator, force=force, **config),
+            c.check_unchanged(
+                prepared_dataset=produced["prepare"], accelerator=p["accelerator"], force=p["force"], **config
+            ),
             stage="check-unchanged",
             display="Check for new data",
             cache=False,
@@ -168,19 +148,19 @@ def build_pipeline(
 
         with dsl.If(check.outputs["Output"] != UNCHANGED, name="data-changed"):
             pack = _task(
-                c.pack(prepared_dataset=prepared, model=model, max_length=max_length, **base),
+                c.pack(**reads("pack"), model=p["model"], max_length=p["max_length"], **base),
                 stage="pack",
                 display="Pack",
                 cache=True,
             )
-            packed = pack.outputs["packed_dataset"]
+            produced["pack"] = output(pack, "pack")
             train_args = {
-                "packed_dataset": packed,
-                "checkpoint_root": checkpoint_root,
+                **reads("train"),
+                "checkpoint_root": p["checkpoint_root"],
                 "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 **config,
             }
-            with dsl.If(accelerator == "gpu", name="train-on-gpu"):
+            with dsl.If(p["accelerator"] == "gpu", name="train-on-gpu"):
                 on_gpu = _task(
                     c.train_gpu(**train_args),
                     stage="train-gpu",
@@ -196,27 +176,15 @@ def build_pipeline(
                     kubernetes.mount_pvc(train, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
                 if checkpoint_gcsfuse:
                     kubernetes.add_pod_annotation(train, *GCSFUSE_ANNOTATION)
-            adapter = dsl.OneOf(on_gpu.outputs["adapter"], on_cpu.outputs["adapter"])
+            produced["train"] = dsl.OneOf(output(on_gpu, "train"), output(on_cpu, "train"))
 
             evaluate = _task(
-                c.evaluate(adapter=adapter, packed_dataset=packed, prepared_dataset=prepared, **config),
-                stage="evaluate",
-                display="Evaluate",
-                cache=False,
+                c.evaluate(**reads("evaluate"), **config), stage="evaluate", display="Evaluate", cache=False
             )
-            _task(
-                c.register(
-                    adapter=adapter,
-                    eval_report=evaluate.outputs["eval_report"],
-                    prepared_dataset=prepared,
-                    packed_dataset=packed,
-                    **config,
-                ),
-                stage="register",
-                display="Register",
-                cache=False,
-            )
+            produced["evaluate"] = output(evaluate, "evaluate")
+            _task(c.register(**reads("register"), **config), stage="register", display="Register", cache=False)
 
+    sft_pipeline.__signature__ = _signature(checkpoint_default)
     sft_pipeline.__doc__ = _docstring()
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(sft_pipeline)
 

@@ -20,17 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubetune import dag
 from kubetune.errors import EXIT_FAILURE, EXIT_OK, Preempted, UserError
 
 log = logging.getLogger("kubetune")
-
-STAGE_DIRS = {
-    "prepare": "prepared",
-    "pack": "packed",
-    "train": "adapter",
-    "evaluate": "eval",
-    "register": "registered",
-}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -95,32 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="raw dataset -> prepared_dataset")
-    _config_args(p)
-    p.add_argument("--data", help="dataset path or hub id (same as --set data.path=...)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/prepared)")
-
-    p = sub.add_parser("pack", help="prepared_dataset -> packed_dataset")
-    _config_args(p)
-    p.add_argument("--prepared", help="prepared_dataset folder (default: <output_dir>/prepared)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/packed)")
-
-    p = sub.add_parser("train", help="packed_dataset -> adapter (LoRA / QLoRA)")
-    _config_args(p)
-    p.add_argument("--packed", help="packed_dataset folder (default: <output_dir>/packed)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/adapter)")
-
-    p = sub.add_parser("evaluate", help="adapter + held-out rows -> eval_report")
-    _config_args(p)
-    for name in ("adapter", "packed", "prepared"):
-        p.add_argument(f"--{name}", help=f"{name} folder (default: under <output_dir>)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/eval)")
-
-    p = sub.add_parser("register", help="adapter + eval_report -> MLflow run, model version, promotion gate")
-    _config_args(p)
-    for name in ("adapter", "eval-report", "packed", "prepared"):
-        p.add_argument(f"--{name}", help=f"{name} folder (default: under <output_dir>)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/registered)")
+    for stage in dag.STAGES:
+        p = sub.add_parser(stage.name, help=stage.summary)
+        _config_args(p)
+        if not stage.inputs:
+            p.add_argument("--data", help="dataset path or hub id (same as --set data.path=...)")
+        for name in stage.inputs:
+            source = dag.BY_NAME[name]
+            p.add_argument(
+                f"--{source.option}", help=f"{source.artifact} folder (default: <output_dir>/{source.folder})"
+            )
+        p.add_argument("--out", help=f"output folder (default: <output_dir>/{stage.folder})")
 
     p = sub.add_parser("run", help="all stages in order on this machine")
     _config_args(p, required=True)
@@ -157,7 +135,7 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def _dir(cfg, explicit: str | None, stage: str) -> Path:
-    return Path(explicit) if explicit else Path(cfg.output_dir) / STAGE_DIRS[stage]
+    return Path(explicit) if explicit else Path(cfg.output_dir) / dag.BY_NAME[stage].folder
 
 
 def _print(msg: str = "") -> None:
@@ -167,42 +145,10 @@ def _print(msg: str = "") -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     extra = [f"data.path={args.data}"] if getattr(args, "data", None) else []
     cfg = _load(args, extra)
-    ow = args.overwrite
-    if args.command == "prepare":
-        from kubetune.prepare import prepare
-
-        out = prepare(cfg, _dir(cfg, args.out, "prepare"), overwrite=ow)
-    elif args.command == "pack":
-        from kubetune.pack import pack
-
-        out = pack(cfg, _dir(cfg, args.prepared, "prepare"), _dir(cfg, args.out, "pack"), overwrite=ow)
-    elif args.command == "train":
-        from kubetune.train import train
-
-        out = train(cfg, _dir(cfg, args.packed, "pack"), _dir(cfg, args.out, "train"), overwrite=ow, hw=machine())
-    elif args.command == "evaluate":
-        from kubetune.evaluation import evaluate
-
-        out = evaluate(
-            cfg,
-            _dir(cfg, args.adapter, "train"),
-            _dir(cfg, args.packed, "pack"),
-            _dir(cfg, args.prepared, "prepare"),
-            _dir(cfg, args.out, "evaluate"),
-            overwrite=ow,
-        )
-    else:
-        from kubetune.register import register
-
-        out = register(
-            cfg,
-            _dir(cfg, args.adapter, "train"),
-            _dir(cfg, args.eval_report, "evaluate"),
-            _dir(cfg, args.out, "register"),
-            prepared=_dir(cfg, args.prepared, "prepare"),
-            packed=_dir(cfg, args.packed, "pack"),
-            overwrite=ow,
-        )
+    stage = dag.BY_NAME[args.command]
+    inputs = {name: _dir(cfg, getattr(args, dag.BY_NAME[name].dest), name) for name in stage.inputs}
+    hw = machine() if stage.name == "train" else None
+    out = dag.run(stage, cfg, inputs, _dir(cfg, args.out, stage.name), overwrite=args.overwrite, hw=hw)
     _print(f"{args.command}: done -> {out}")
     return EXIT_OK
 
@@ -215,34 +161,14 @@ def machine():
 
 
 def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
-    """Every stage in order under ``cfg.output_dir``; returns the output folders."""
-    from kubetune.evaluation import evaluate
-    from kubetune.pack import pack
-    from kubetune.prepare import prepare
-    from kubetune.register import register
-    from kubetune.train import train
-
-    root = Path(cfg.output_dir)
-    d = {stage: root / name for stage, name in STAGE_DIRS.items()}
-    log.info("[1/5] prepare -> %s", d["prepare"])
-    prepare(cfg, d["prepare"], overwrite=overwrite)
-    log.info("[2/5] pack -> %s", d["pack"])
-    pack(cfg, d["prepare"], d["pack"], overwrite=overwrite)
-    log.info("[3/5] train -> %s", d["train"])
-    train(cfg, d["pack"], d["train"], overwrite=overwrite, hw=machine())
-    log.info("[4/5] evaluate -> %s", d["evaluate"])
-    evaluate(cfg, d["train"], d["pack"], d["prepare"], d["evaluate"], overwrite=overwrite)
-    if cfg.tracking.enabled:
-        log.info("[5/5] register -> %s", d["register"])
-        register(
-            cfg,
-            d["train"],
-            d["evaluate"],
-            d["register"],
-            prepared=d["prepare"],
-            packed=d["pack"],
-            overwrite=overwrite,
-        )
+    """Every stage in order under ``cfg.output_dir`` (register only with tracking on); returns the output folders."""
+    d = dag.folders(cfg.output_dir)
+    for k, stage in enumerate(dag.STAGES, 1):
+        if not dag.runs(cfg, stage):
+            continue
+        log.info("[%d/%d] %s -> %s", k, len(dag.STAGES), stage.name, d[stage.name])
+        hw = machine() if stage.name == "train" else None
+        dag.run(stage, cfg, {name: d[name] for name in stage.inputs}, d[stage.name], overwrite=overwrite, hw=hw)
     return d
 
 
@@ -278,7 +204,7 @@ def run_summary(dirs: dict[str, Path], config_path: str | None = None) -> str:
     lines.append("")
     for stage, path in dirs.items():
         if path.exists():
-            lines.append(f"  {STAGE_DIRS[stage] + '/':<12} {path}")
+            lines.append(f"  {dag.BY_NAME[stage].folder + '/':<12} {path}")
     reg = dirs["register"] / "registration.json"
     if reg.is_file():
         r = json.loads(reg.read_text())
@@ -450,14 +376,25 @@ def main(argv: list[str] | None = None) -> int:
             return rc
     argv = list(argv)
     if argv and argv[0] == "pipeline":
-        # The KFP commands live with the pipeline code; the library never imports kfp.
+        # The KFP commands live with the pipeline code (the `kubetune-pipeline` console script); the library never
+        # imports kfp, it finds that command through the entry point the package declares.
         _setup_logging("-v" in argv or "--verbose" in argv)
-        return _guard(lambda: __import__("pipelines.cli", fromlist=["main"]).main(argv[1:]))
+        return _guard(lambda: _command("pipeline")(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     handlers = {"run": cmd_run, "generate": cmd_generate, "ui": cmd_ui, "config": cmd_config}
     return _guard(lambda: handlers.get(args.command, cmd_stage)(args))
+
+
+def _command(name: str):
+    """The ``main`` of the installed command ``name`` (entry point group ``kubetune.commands``)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="kubetune.commands", name=name)
+    if not found:
+        raise UserError(f"kubetune {name}: not in this installation: reinstall kubetune (`pip install -e .`)")
+    return next(iter(found)).load()
 
 
 def _guard(fn) -> int:

@@ -18,6 +18,7 @@ import logging
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,7 +314,7 @@ class Config:
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with dotted-key overrides applied and validated: ``cfg.replace(**{'lora.r': 8})``."""
-        return from_dict(_merge(self.to_dict(), _dotted_to_nested(overrides, source="override")))
+        return from_dict(merge(self.to_dict(), _dotted_to_nested(overrides, source="override")))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -528,11 +529,12 @@ def _dotted_to_nested(pairs: dict[str, Any], source: str) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, section by section (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -551,6 +553,25 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             value = raw
         pairs[key.strip()] = value
     return _dotted_to_nested(pairs, source="--set")
+
+
+def layer(
+    data: Mapping[str, Any] | None,
+    named: Mapping[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The one config layering, lowest first: ``data`` (a config file's or ``config_yaml``'s mapping) < ``named``
+    (dotted key -> value: the pipeline's named parameters) < ``overrides`` (``--set KEY=VALUE`` items).
+
+    Returns the merged mapping, not yet validated (``from_dict`` does that, so each caller can say which layer a
+    bad value came from). A malformed override raises ConfigError naming it.
+    """
+    merged = dict(data or {})
+    if named:
+        merged = merge(merged, _dotted_to_nested(dict(named), source="config key"))
+    if overrides:
+        merged = merge(merged, parse_overrides(overrides))
+    return merged
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -578,7 +599,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         except ConfigError as err:
             raise ConfigError(f"config file {path}: {err}") from None
     try:
-        return from_dict(_merge(data, parse_overrides(overrides)))
+        return from_dict(layer(data, overrides=overrides))
     except ConfigError as err:
         if overrides and not str(err).startswith("--set"):
             raise ConfigError(f"--set: {err}") from None

@@ -96,18 +96,8 @@ def test_bad_parameters_name_the_parameter(config_yaml, overrides, params, messa
     assert "\n" not in str(err.value)
 
 
-def test_config_from_picks_the_config_parameters_out_of_locals(tmp_path):
-    arguments = {
-        "config_yaml": YAML,
-        "overrides": [],
-        "lora_r": 12,
-        "prepared_dataset": FakeArtifact(tmp_path),
-        "checkpoint_root": "/mnt/ckpt",
-        "run_id": "abc",
-        "force": True,
-        "accelerator": "gpu",
-    }
-    cfg = runtime.config_from(arguments, **{"train.checkpoint_dir": "/mnt/ckpt/abc", "train.seed": None})
+def test_config_from_layers_the_parameters_and_applies_extra_keys():
+    cfg = runtime.config_from(YAML, [], extra={"train.checkpoint_dir": "/mnt/ckpt/abc", "train.seed": None}, lora_r=12)
     assert cfg.lora.r == 12
     assert cfg.train.checkpoint_dir == "/mnt/ckpt/abc"
     assert cfg.train.seed == 42  # None leaves the key alone
