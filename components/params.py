@@ -143,22 +143,13 @@ ACCELERATORS = ("cpu", "gpu")
 
 
 def defaults() -> dict[str, Any]:
-    """Every parameter's run-form default, by name: the form preset, else the config key's default in
-    ``kubetune.config.Config`` as the parameter's type (a key whose default is None: ``""``, which keeps it)."""
+    """Every parameter's run-form default, by name, as the parameter's type: the form preset, else the config
+    key's default in ``kubetune.config.Config`` (a key whose default is None: ``""``, which keeps it)."""
     from kubetune.config import Config
 
-    library = Config().to_dict()
+    library = Config().flat()
     out: dict[str, Any] = {}
     for p in PARAMS:
-        value = p.form
-        if value is LIBRARY:
-            value = _lookup(library, p.key)
-            value = "" if value is None else p.type(value)
-        out[p.name] = list(value) if p.type is list else value
+        value = library[p.key] if p.form is LIBRARY else p.form
+        out[p.name] = "" if value is None else p.type(value)
     return out
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
