@@ -344,7 +344,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Commands that load a model start under tcmalloc where it is installed (kubetune.allocator.allocator_preload_env).
+# Commands that load a model start under tcmalloc where it is installed (kubetune.cpu.allocator.allocator_preload_env).
 _MODEL_COMMANDS = frozenset({"train", "evaluate", "run", "generate"})
 
 

@@ -4,11 +4,11 @@
 
 - ``train/``: a ``datasets`` folder (``save_to_disk``) with columns ``input_ids``, ``labels`` (-100 where no
   loss) and ``seq_lengths`` (lengths of the examples packed into the row, summing to ``len(input_ids)``).
-  Rows hold at most ``pack.max_length`` tokens and are not padded. TRL's
-  ``DataCollatorForLanguageModeling(padding_free=True)`` consumes them as they are (SFTTrainer with
-  ``dataset_kwargs={"skip_prepare_dataset": True}``): it rebuilds per-example position ids from
-  ``seq_lengths``, so packed examples never attend to each other (the model must run with
-  ``use_cache=False``). With ``pack.packing: false`` every row is one example.
+  Rows hold at most ``pack.max_length`` tokens and are not padded. The train stage batches them with
+  :class:`kubetune.sft.PackedRowsCollator` (SFTTrainer with ``dataset_kwargs={"skip_prepare_dataset": True}``):
+  rows stay ``[batch, longest row]`` and position ids restart at every example of a row (from ``seq_lengths``),
+  so transformers builds a block-diagonal causal mask and packed examples never attend to each other; padding to
+  the longest row carries no loss. With ``pack.packing: false`` every row is one example.
 - ``eval/``: the same columns from ``eval.jsonl``, one example per row (never packed); empty when it is.
 - ``tokenizer/``: the tokenizer (``save_pretrained``) carrying the chat template that was applied, so that
   train, evaluate and generate format prompts exactly as the data was formatted.

@@ -175,7 +175,7 @@ def _by_device(hw: Hardware, key: str, requested: str, *, cpu: tuple[str, str], 
 
 
 def choose_lm_head(cfg: Config, hw: Hardware) -> Decision:
-    """TRL's fused LM head, or kubetune's token-chunked one (``kubetune.lmhead``)."""
+    """TRL's fused LM head, or kubetune's token-chunked one (``kubetune.cpu.lmhead``)."""
     return _by_device(
         hw,
         "cpu.lm_head",
@@ -190,7 +190,7 @@ def choose_lm_head(cfg: Config, hw: Hardware) -> Decision:
 
 
 def choose_dropout_sampler(cfg: Config, hw: Hardware) -> Decision:
-    """PEFT's nn.Dropout for the LoRA inputs, or kubetune's bulk sampler (``kubetune.dropout``)."""
+    """PEFT's nn.Dropout for the LoRA inputs, or kubetune's bulk sampler (``kubetune.cpu.dropout``)."""
     if cfg.cpu.dropout_sampler == "auto" and cfg.lora.dropout == 0:
         return Decision("torch", "lora.dropout is 0: no masks to draw")
     return _by_device(
@@ -212,7 +212,7 @@ def _cpu_layer_rewrite(cfg: Config, hw: Hardware, key: str, *, cpu: str, gpu: st
 
 
 def choose_lean_layers(cfg: Config, hw: Hardware) -> Decision:
-    """transformers' RMSNorm and SiLU-gated MLP, or kubetune's leaner versions of them (``kubetune.layers``)."""
+    """transformers' RMSNorm and SiLU-gated MLP, or kubetune's leaner versions of them (``kubetune.cpu.layers``)."""
     return _cpu_layer_rewrite(
         cfg,
         hw,
@@ -225,7 +225,8 @@ def choose_lean_layers(cfg: Config, hw: Hardware) -> Decision:
 
 
 def choose_split_gemms(cfg: Config, hw: Hardware) -> Decision:
-    """The frozen base layers' GEMMs as they are, or split in column blocks where timing says so (``kubetune.gemm``)."""
+    """The frozen base layers' GEMMs as they are, or split in column blocks where timing says so
+    (``kubetune.cpu.gemm``)."""
     return _cpu_layer_rewrite(
         cfg,
         hw,
