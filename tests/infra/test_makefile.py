@@ -51,6 +51,7 @@ def test_every_target_is_documented_and_none_collides_with_the_root_makefile():
         "test-unit",
         "test-slow",
         "test-reliability",
+        "test-gpu",
         "run",
         "clean",
     }

@@ -532,6 +532,7 @@ def test_template_errors_and_missing_inputs_are_user_errors(tmp_path, tiny_model
         pack(cfg, prepared, tmp_path / "p")
 
 
+@pytest.mark.slow  # converts the quickstart GGUF model once (~20 s)
 def test_real_smollm2_template_masks(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
