@@ -7,7 +7,6 @@ The golden files were written by the renderers as they were before the stages sh
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,17 +133,23 @@ def pack_dropped(tmp: Path) -> str:
         special_token_text=4,
         packing_efficiency=0.5,
     )
-    ev = _pack_section(
-        dropped_no_loss={"count": 1, "listed": 1, "examples": ex[:1]}, packed=False, tokens=1234567
-    )
+    ev = _pack_section(dropped_no_loss={"count": 1, "listed": 1, "examples": ex[:1]}, packed=False, tokens=1234567)
     return _markdown(_pack_report(train, ev, truncation="right", packing=False, loss_on="all"))
 
 
 def pack_empty_eval(tmp: Path) -> str:
     from kubetune.pack import _empty_section, _markdown
 
-    ev = {**_empty_section(), "rows": 0, "tokens": 0, "loss_tokens": 0, "loss_token_fraction": 0.0,
-          "packing_efficiency": 0.0, "row_tokens": {}, "packed": False}
+    ev = {
+        **_empty_section(),
+        "rows": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "loss_token_fraction": 0.0,
+        "packing_efficiency": 0.0,
+        "row_tokens": {},
+        "packed": False,
+    }
     return _markdown(_pack_report(_pack_section(), ev))
 
 
@@ -228,8 +233,14 @@ def eval_full(tmp: Path) -> str:
 def eval_worse_no_generation(tmp: Path) -> str:
     from kubetune.evaluation import render_report
 
-    m = _metrics(eval_loss=2.75, eval_loss_delta=0.25, generation_rows=0, prompt_rows=0,
-                 eval_perplexity=None, base_eval_perplexity=None)
+    m = _metrics(
+        eval_loss=2.75,
+        eval_loss_delta=0.25,
+        generation_rows=0,
+        prompt_rows=0,
+        eval_perplexity=None,
+        base_eval_perplexity=None,
+    )
     return render_report(m, [], {**_CTX, "global_step": None, "method": "qlora", "dtype": "bfloat16"})
 
 
