@@ -16,8 +16,9 @@ makes a second run) in experiment ``tracking.experiment`` with:
 A version of the registered model (``tracking.registered_model``, default ``kubetune-<model basename>``) points
 at the run's ``adapter/`` (adapter + base reference, not ``mlflow.transformers``: a PEFT model on a local base does
 not round-trip through it), tagged ``kubetune.data_fingerprint``, ``kubetune.eval_loss``, ``kubetune.base_model``.
-The promotion gate (:func:`kubetune.tracking.promote`) moves alias ``champion`` only for a real improvement and
-records ``kubetune.promotion`` / ``kubetune.promotion_reason`` on the version and the run.
+The promotion gate (:func:`kubetune.promotion.promote`, run on MLflow by :func:`kubetune.tracking.promote`) moves
+alias ``champion`` only for a real improvement and records ``kubetune.promotion`` / ``kubetune.promotion_reason`` on
+the version and the run.
 
 Output folder::
 
@@ -33,6 +34,10 @@ finishing later may still take the alias from it (and re-tag it in MLflow): MLfl
 When MLflow is unreachable (after bounded retries) the stage still succeeds: it keeps the outbox, marks the
 registration ``pending`` and warns. Running ``kubetune register`` again with the same inputs sends the outbox
 (the MLflow side is idempotent) and replaces the folder with a ``registered`` one. Nothing is lost.
+
+Also here, because they read the registry: :func:`check_data`, a recurring run's "has the data changed since the
+champion?" decision (the pipeline's data check), and the reports for people of both (:func:`data_check_report`,
+:func:`registration_report`, rendered by :mod:`kubetune.report`).
 """
 
 from __future__ import annotations
