@@ -537,15 +537,8 @@ class MlflowRegistry:
         self.client, self.name = c, name
 
     def champion(self) -> promotion.Version | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            version = self.client.get_registered_model(self.name).aliases.get(ALIAS)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        return self.get(str(version)) if version is not None else None
+        mv = champion(self.client, self.name)
+        return _version(mv) if mv is not None else None
 
     def get(self, version: str) -> promotion.Version | None:
         from mlflow.exceptions import MlflowException
@@ -578,8 +571,15 @@ class MlflowRegistry:
 def champion(c, name: str):
     """The MLflow model version holding alias ``champion`` (None when no version does or the model does not
     exist)."""
-    holder = MlflowRegistry(c, name).champion()
-    return c.get_model_version(name, holder.version) if holder is not None else None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = c.get_registered_model(name).aliases.get(ALIAS)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return c.get_model_version(name, str(version)) if version is not None else None
 
 
 def promote(
