@@ -1,7 +1,8 @@
 """Representative inputs for every stage's Markdown report; ``tests/unit/reports/<case>.md`` holds each rendering.
 
 The golden files were written by the renderers as they were before the stages shared :mod:`kubetune.report`
-(``python tests/unit/report_cases.py`` writes them again from the current code; review the diff before keeping it).
+(``PYTHONPATH=src:. python tests/unit/report_cases.py`` writes them again from the current code; review the diff
+before keeping it).
 """
 
 from __future__ import annotations
