@@ -3,8 +3,8 @@
 The component bodies stay a few lines (imports, then one call into the kubetune library); the glue they share
 lives
 here: building the Config from the pipeline parameters, copying a stage's report into a Markdown artifact,
-logging scalars into a Metrics artifact, and the "has the data changed since the champion?" decision. Nothing
-here imports
+logging scalars into a Metrics artifact, and rendering the data check and the registration (both decided and
+built by ``kubetune.register``). Nothing here imports
 kfp: artifacts are used through their ``.path`` / ``.metadata`` / ``.log_metric`` attributes, so every
 function is unit-tested in-process.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from components.params import ACCELERATORS, CONFIG_KEYS
 
-UNCHANGED = "unchanged"  # check_unchanged's verdict that skips training; every other verdict trains
+UNCHANGED = "unchanged"  # kubetune.register.UNCHANGED (tested equal): the verdict that skips training
 
 
 def _user_error(message: str) -> Exception:
@@ -180,56 +180,22 @@ def read_json(stage_dir: str | Path, filename: str) -> dict[str, Any]:
 def decide(cfg, prepared_dir: str | Path, *, force: bool, accelerator: str) -> tuple[str, str]:
     """Train or not: ``(verdict, markdown)``; the verdict is ``unchanged`` (skip) or why training goes ahead.
 
-    The prepared data's fingerprint (its manifest's ``fingerprint``) is compared with the one recorded on the
-    registered model's current ``champion``: identical data and no ``force`` means a recurring run has nothing
-    new to learn from, so the run records "unchanged" and stops before packing and training.
+    The decision is :func:`kubetune.register.check_data` (the prepared data's fingerprint against the one
+    recorded on the registered model's current ``champion``); the markdown is its
+    :func:`kubetune.register.data_check_report`.
     """
-    from kubetune.artifacts import read_manifest
-    from kubetune.register import champion_data_fingerprint
-    from kubetune.tracking import registered_model_name, resolve_uri
+    from kubetune import register
+    from kubetune.report import to_markdown
 
     if accelerator not in ACCELERATORS:
         raise _user_error(f"pipeline parameter `accelerator`: {accelerator!r} is not one of {', '.join(ACCELERATORS)}")
-    current = read_manifest(prepared_dir, "prepare")["fingerprint"]
-    champion = champion_data_fingerprint(cfg)
-    if force:
-        verdict, why = "forced", "`force` is set: training regardless of the data"
-    elif champion is None:
-        verdict, why = "no-champion", "no champion model version records its data yet: training"
-    elif champion != current:
-        verdict, why = "new-data", "the prepared data differs from the champion's: training"
-    else:
-        verdict, why = UNCHANGED, "the prepared data is identical to the champion's: training skipped"
-    lines = [
-        "# Data check",
-        "",
-        f"**{verdict}**: {why}.",
-        "",
-        "| | data fingerprint |",
-        "| --- | --- |",
-        f"| this run | `{current}` |",
-        f"| champion | `{champion or '-'}` |",
-        "",
-        f"Registered model `{registered_model_name(cfg)}` at `{resolve_uri(cfg)}`; training runs on `{accelerator}`.",
-    ]
-    return verdict, "\n".join(lines) + "\n"
+    check = register.check_data(cfg, prepared_dir, force=force)
+    return check.verdict, to_markdown(register.data_check_report(check, accelerator=accelerator))
 
 
 def registration_markdown(registration: Mapping[str, Any]) -> str:
-    """A short summary of ``registration.json`` for the run page."""
-    keys = (
-        "status",
-        "model_name",
-        "version",
-        "promotion",
-        "promotion_reason",
-        "champion_version",
-        "experiment",
-        "run_id",
-        "tracking_uri",
-        "error",
-    )
-    rows = [(key, registration[key]) for key in keys if registration.get(key) is not None]
-    lines = ["# Registration", "", "| | |", "| --- | --- |"]
-    lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows]
-    return "\n".join(lines) + "\n"
+    """A short summary of ``registration.json`` for the run page (:func:`kubetune.register.registration_report`)."""
+    from kubetune.register import registration_report
+    from kubetune.report import to_markdown
+
+    return to_markdown(registration_report(registration))

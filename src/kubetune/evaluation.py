@@ -37,6 +37,7 @@ from typing import Any
 
 from kubetune import generation
 from kubetune import metrics as task_metrics
+from kubetune import report as rpt
 from kubetune.artifacts import fingerprint, read_json, read_manifest, stage_output, write_json
 from kubetune.config import Config
 from kubetune.errors import UserError
@@ -404,41 +405,29 @@ def _cell(text: str | None) -> str:
     return text or "*(empty)*"
 
 
-def _quote(text: str) -> str:
-    return "\n".join("> " + line if line else ">" for line in text.splitlines() or [""])
-
-
 def render_report(m: dict[str, Any], samples: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
-    """The Markdown report: what was compared, the headline table, the verdict, then every sample."""
+    """The Markdown report (``eval_report.md``): :func:`build_report` rendered as Markdown."""
+    return rpt.to_markdown(build_report(m, samples, ctx))
+
+
+def build_report(m: dict[str, Any], samples: list[dict[str, Any]], ctx: dict[str, Any]) -> rpt.Report:
+    """The evaluation report: what was compared, the headline table, the verdict, then every sample."""
     n = m["generation_rows"]
     delta = m["eval_loss_delta"]
     ppl_a, ppl_b = m["eval_perplexity"], m["base_eval_perplexity"]
     step = f", step {ctx['global_step']}" if ctx.get("global_step") is not None else ""
-    lines = [
-        "# Evaluation: adapter vs base model",
-        "",
-        f"Base model `{ctx['base']}` with adapter `{ctx['adapter']}` ({ctx['method']}{step}); scored in "
-        f"{ctx['dtype']} on {ctx['device']}.",
-        f"Loss on {m['eval_rows']} held-out rows ({m['eval_tokens']} answer tokens, the tokens the training loss "
-        f"uses); greedy generation ({ctx['max_new_tokens']} new tokens at most) on {n} held-out prompt(s)"
-        + (f" and {m['prompt_rows']} fixed prompt(s)." if m["prompt_rows"] else "."),
-        "",
-        "| metric | base | adapter | change |",
-        "| --- | ---: | ---: | ---: |",
-        f"| eval loss (lower is better) | {_num(m['base_eval_loss'])} | {_num(m['eval_loss'])} | {delta:+.4f} |",
-    ]
+    rows = [["eval loss (lower is better)", _num(m["base_eval_loss"]), _num(m["eval_loss"]), f"{delta:+.4f}"]]
     if ppl_a is not None and ppl_b is not None:
-        lines.append(f"| perplexity | {ppl_b:.3f} | {ppl_a:.3f} | {100 * (ppl_a / ppl_b - 1):+.1f}% |")
+        rows.append(["perplexity", f"{ppl_b:.3f}", f"{ppl_a:.3f}", f"{100 * (ppl_a / ppl_b - 1):+.1f}%"])
     else:
-        lines.append(f"| perplexity | {_num(ppl_b, 3)} | {_num(ppl_a, 3)} | n/a |")
+        rows.append(["perplexity", _num(ppl_b, 3), _num(ppl_a, 3), "n/a"])
     if n:
         em_d = 100 * (m["exact_match"] - m["base_exact_match"])
         rl_d = m["rouge_l"] - m["base_rouge_l"]
-        lines += [
-            f"| exact match | {_pct(m['base_exact_match'], n)} | {_pct(m['exact_match'], n)} | {em_d:+.1f} pts |",
-            f"| ROUGE-L F1 | {_num(m['base_rouge_l'], 3)} | {_num(m['rouge_l'], 3)} | {rl_d:+.3f} |",
+        rows += [
+            ["exact match", _pct(m["base_exact_match"], n), _pct(m["exact_match"], n), f"{em_d:+.1f} pts"],
+            ["ROUGE-L F1", _num(m["base_rouge_l"], 3), _num(m["rouge_l"], 3), f"{rl_d:+.3f}"],
         ]
-    lines.append("")
     if delta < 0:
         verdict = f"The adapter lowers the held-out loss by {-delta:.4f} nats per token"
     elif delta > 0:
@@ -447,47 +436,56 @@ def render_report(m: dict[str, Any], samples: list[dict[str, Any]], ctx: dict[st
         verdict = "The adapter leaves the held-out loss unchanged"
     if ppl_a is not None and ppl_b is not None:
         verdict += f" (perplexity {ppl_b:.3f} -> {ppl_a:.3f})"
-    lines.append(verdict + ".")
+    verdict += "."
     scored = [s for s in samples if s["reference"] is not None]
     if scored:
         better = sum(s["rouge_l"] > s["base_rouge_l"] for s in scored)
         worse = sum(s["rouge_l"] < s["base_rouge_l"] for s in scored)
-        lines.append(
-            f"By ROUGE-L the adapter's answer is closer to the reference on {better} of {n} held-out "
+        verdict += (
+            f"\nBy ROUGE-L the adapter's answer is closer to the reference on {better} of {n} held-out "
             f"prompts, further on {worse}, level on {n - better - worse}."
         )
-    lines += [
-        "",
-        "Exact match compares case-folded, whitespace-normalised text (a reference contained in a longer "
-        "answer does not count); ROUGE-L is the F1 of the longest common token subsequence (stemmed).",
-        "",
+    blocks: list[rpt.Block] = [
+        rpt.Paragraph(
+            f"Base model `{ctx['base']}` with adapter `{ctx['adapter']}` ({ctx['method']}{step}); scored in "
+            f"{ctx['dtype']} on {ctx['device']}.\n"
+            f"Loss on {m['eval_rows']} held-out rows ({m['eval_tokens']} answer tokens, the tokens the training "
+            f"loss uses); greedy generation ({ctx['max_new_tokens']} new tokens at most) on {n} held-out prompt(s)"
+            + (f" and {m['prompt_rows']} fixed prompt(s)." if m["prompt_rows"] else ".")
+        ),
+        rpt.Table(["metric", "base", "adapter", "change"], rows, ["left", "right", "right", "right"]),
+        rpt.Paragraph(verdict),
+        rpt.Paragraph(
+            "Exact match compares case-folded, whitespace-normalised text (a reference contained in a longer "
+            "answer does not count); ROUGE-L is the F1 of the longest common token subsequence (stemmed)."
+        ),
     ]
     if samples:
-        lines += ["## Samples: base vs adapter", ""]
-    for i, s in enumerate(samples, 1):
-        where = (
-            f"held-out row {s['row']} of {s['source']}"
-            if s["kind"] == "heldout"
-            else f"fixed prompt {s['row']} (eval.prompts)"
+        blocks.append(rpt.Section("Samples: base vs adapter", [_sample(i, s) for i, s in enumerate(samples, 1)]))
+    return rpt.Report("Evaluation: adapter vs base model", blocks)
+
+
+def _sample(i: int, s: dict[str, Any]) -> rpt.Section:
+    where = (
+        f"held-out row {s['row']} of {s['source']}"
+        if s["kind"] == "heldout"
+        else f"fixed prompt {s['row']} (eval.prompts)"
+    )
+    blocks: list[rpt.Block] = []
+    for msg in s["messages"]:
+        blocks += [rpt.Paragraph(f"**{msg['role']}**"), rpt.Quote(msg["content"])]
+    if s["reference"] is not None:
+        blocks.append(
+            rpt.Table(
+                ["", "answer", "exact match", "ROUGE-L"],
+                [
+                    ["reference", _cell(s["reference"]), "", ""],
+                    ["base", _cell(s["base"]), "yes" if s["base_exact_match"] else "no", f"{s['base_rouge_l']:.3f}"],
+                    ["adapter", _cell(s["adapter"]), "yes" if s["exact_match"] else "no", f"{s['rouge_l']:.3f}"],
+                ],
+                ["left", "left", "center", "right"],
+            )
         )
-        lines += [f"### {i}. {where}", ""]
-        for msg in s["messages"]:
-            lines += [f"**{msg['role']}**", "", _quote(msg["content"]), ""]
-        if s["reference"] is not None:
-            lines += [
-                "| | answer | exact match | ROUGE-L |",
-                "| --- | --- | :---: | ---: |",
-                f"| reference | {_cell(s['reference'])} | | |",
-                f"| base | {_cell(s['base'])} | {'yes' if s['base_exact_match'] else 'no'} | {s['base_rouge_l']:.3f} |",
-                f"| adapter | {_cell(s['adapter'])} | {'yes' if s['exact_match'] else 'no'} | {s['rouge_l']:.3f} |",
-                "",
-            ]
-        else:
-            lines += [
-                "| | answer |",
-                "| --- | --- |",
-                f"| base | {_cell(s['base'])} |",
-                f"| adapter | {_cell(s['adapter'])} |",
-                "",
-            ]
-    return "\n".join(lines).rstrip() + "\n"
+    else:
+        blocks.append(rpt.Table(["", "answer"], [["base", _cell(s["base"])], ["adapter", _cell(s["adapter"])]]))
+    return rpt.Section(f"{i}. {where}", blocks, level=3)

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from kubetune import report as rpt
 from kubetune import templates
 from kubetune.artifacts import fingerprint, read_manifest, stage_output, write_json
 from kubetune.config import Config
@@ -538,18 +539,14 @@ def _empty_section() -> dict[str, Any]:
 
 
 def _markdown(report: dict[str, Any]) -> str:
+    """``pack_report.md``: :func:`build_report` rendered as Markdown."""
+    return rpt.to_markdown(build_report(report))
+
+
+def build_report(report: dict[str, Any]) -> rpt.Report:
+    """The pack report of ``pack_report.json``'s content: template, tokenizer, settings, a train/eval table of
+    counts and lengths, then the examples truncated or dropped (by id) and special-token text found."""
     tpl, tk = report["template"], report["tokenizer"]
-    lines = [
-        "# Pack report",
-        "",
-        f"- template: {tpl['description']} (loss mask from {tpl['mask_method']})",
-        f"- tokenizer: `{tk['name_or_path']}` (vocabulary {tk['vocab_size']})",
-        f"- max_length {report['max_length']}, loss on {report['loss_on']} tokens, truncation "
-        f"`{report['truncation']}`, packing {'on' if report['packing'] else 'off'}",
-        "",
-        "| | train | eval |",
-        "| --- | ---: | ---: |",
-    ]
     tr, ev = report["train"], report["eval"]
     table = [
         ("examples in", lambda s: s["examples_in"]),
@@ -569,7 +566,21 @@ def _markdown(report: dict[str, Any]) -> str:
             lambda s: f"{100 * s['packing_efficiency']:.1f}%" if s["packed"] else "not packed",
         ),
     ]
-    lines += [f"| {label} | {cell(tr)} | {cell(ev)} |" for label, cell in table]
+    blocks: list[rpt.Block] = [
+        rpt.Bullets(
+            [
+                f"template: {tpl['description']} (loss mask from {tpl['mask_method']})",
+                f"tokenizer: `{tk['name_or_path']}` (vocabulary {tk['vocab_size']})",
+                f"max_length {report['max_length']}, loss on {report['loss_on']} tokens, truncation "
+                f"`{report['truncation']}`, packing {'on' if report['packing'] else 'off'}",
+            ]
+        ),
+        rpt.Table(
+            ["", "train", "eval"],
+            [[label, cell(tr), cell(ev)] for label, cell in table],
+            ["left", "right", "right"],
+        ),
+    ]
     for name, sec in (("train", tr), ("eval", ev)):
         for key, title in (
             ("truncated", "truncated"),
@@ -579,17 +590,18 @@ def _markdown(report: dict[str, Any]) -> str:
             entry = sec[key]
             if entry["count"]:
                 more = f" (first {entry['listed']})" if entry["listed"] < entry["count"] else ""
-                lines += ["", f"## {name}: {entry['count']} {title}{more}", ""]
-                lines += [
-                    f"- `{e['id']}` {e['source']} row {e['row']}: {e['tokens']} tokens" for e in entry["examples"]
+                examples = [
+                    f"`{e['id']}` {e['source']} row {e['row']}: {e['tokens']} tokens" for e in entry["examples"]
                 ]
+                blocks.append(rpt.Section(f"{name}: {entry['count']} {title}{more}", [rpt.Bullets(examples)]))
         if sec["special_token_text"]:
-            lines += [
-                "",
-                f"{name}: {sec['special_token_text']} examples contain special-token text in their "
-                "messages; it is tokenised as the special token.",
-            ]
-    return "\n".join(lines) + "\n"
+            blocks.append(
+                rpt.Paragraph(
+                    f"{name}: {sec['special_token_text']} examples contain special-token text in their "
+                    "messages; it is tokenised as the special token."
+                )
+            )
+    return rpt.Report("Pack report", blocks)
 
 
 # ----------------------------------------------------------------------------------------------------

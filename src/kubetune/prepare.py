@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import artifacts, formats, sources
+from kubetune import report as rpt
 from kubetune.config import Config, DataConfig
 from kubetune.errors import UserError
 
@@ -564,7 +565,12 @@ def _fmt_desc(d: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """The data report for people: what was read, what was kept, what was dropped and why."""
+    """The data report for people (``data_report.md``): :func:`build_report` rendered as Markdown."""
+    return rpt.to_markdown(build_report(report))
+
+
+def build_report(report: dict[str, Any]) -> rpt.Report:
+    """The data report of ``data_report.json``'s content: what was read, what was kept, what was dropped and why."""
     t = report["totals"]
     sp = report["split"]
     how = (
@@ -572,64 +578,79 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "eval_path" in sp
         else f"seeded split: seed {sp['seed']}, eval_size {sp['eval_size']:g}"
     )
-    lines = [
-        "# Data report",
-        "",
-        f"**{t['rows_read']} rows read, {t['rows_kept']} kept: "
-        f"{t['train_rows']} train / {t['eval_rows']} eval** "
-        f"({how}).",
-        "",
-        f"- bad rows: {t['bad_rows']} (`on_bad_rows: {report['policy']['on_bad_rows']}`)",
-        f"- exact duplicates removed: {t['duplicates_removed']}"
+    facts = [
+        f"bad rows: {t['bad_rows']} (`on_bad_rows: {report['policy']['on_bad_rows']}`)",
+        f"exact duplicates removed: {t['duplicates_removed']}"
         + ("" if report["policy"]["dedupe"] else " (dedupe is off)"),
     ]
     if t["removed_as_in_eval"]:
-        lines.append(f"- training rows dropped because the eval file holds them: {t['removed_as_in_eval']}")
+        facts.append(f"training rows dropped because the eval file holds them: {t['removed_as_in_eval']}")
     if report["max_rows_reached_at"]:
-        lines.append(
-            f"- `max_rows: {report['policy']['max_rows']}` reached at {_md(report['max_rows_reached_at'])}; "
+        facts.append(
+            f"`max_rows: {report['policy']['max_rows']}` reached at {_md(report['max_rows_reached_at'])}; "
             "the rest was not read"
         )
-    lines += [f"- note: {_md(n)}" for n in report["notes"]]
-    lines += [
-        "",
-        "## Sources",
-        "",
-        "| source | role | format | rows read | kept | duplicates | bad |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    facts += [f"note: {_md(n)}" for n in report["notes"]]
+    sources = []
     for s in report["sources"]:
         fmt = (s["format"] or "-") + (" (detected)" if s["detected"] and s["format"] else "")
         read = s["rows_read"] if s["read"] else "not read"
-        lines.append(
-            f"| `{_md(s['source'])}` | {s['role']} | {fmt} | {read} | {s['kept']} | {s['duplicates']} | {s['bad']} |"
-        )
-    lines += ["", "## Formats", "", "| format | rows read | kept |", "| --- | ---: | ---: |"]
-    lines += [f"| {f} | {v['rows_read']} | {v['kept']} |" for f, v in report["formats"].items()]
-    lines += ["", f"## Dropped rows ({t['bad_rows']})", ""]
+        sources.append([f"`{_md(s['source'])}`", s["role"], fmt, read, s["kept"], s["duplicates"], s["bad"]])
+    dropped: list[rpt.Block] = [rpt.Paragraph("None.")]
     if report["bad_rows_by_reason"]:
-        lines += ["| reason | count | first examples |", "| --- | ---: | --- |"]
-        for entry in sorted(report["bad_rows_by_reason"].values(), key=lambda e: -e["count"]):
-            examples = "<br>".join(_md(e) for e in entry["examples"])
-            lines.append(f"| {entry['reason']} | {entry['count']} | {examples} |")
-        lines += ["", "Every dropped row is listed in `data_report.json` (`bad_rows`)."]
-    else:
-        lines.append("None.")
-    lines += ["", f"## Duplicates removed ({t['duplicates_removed']})", ""]
-    lines += [f"- {_md(e)}" for e in report["duplicate_examples"][:_REPORT_EXAMPLES]] or ["None."]
+        reasons = sorted(report["bad_rows_by_reason"].values(), key=lambda e: -e["count"])
+        dropped = [
+            rpt.Table(
+                ["reason", "count", "first examples"],
+                [[e["reason"], e["count"], "<br>".join(_md(x) for x in e["examples"])] for e in reasons],
+                ["left", "right", "left"],
+            ),
+            rpt.Paragraph("Every dropped row is listed in `data_report.json` (`bad_rows`)."),
+        ]
+    duplicates = [_md(e) for e in report["duplicate_examples"][:_REPORT_EXAMPLES]]
     tr, ev = report["train"], report["eval"]
-    lines += [
-        "",
-        "## Conversations",
-        "",
-        "| | train | eval |",
-        "| --- | --- | --- |",
-        f"| conversations | {tr['conversations']} | {ev['conversations']} |",
-        f"| with a system message | {tr['with_system_message']} | {ev['with_system_message']} |",
-        f"| turns (min / p50 / p95 / max) | {_fmt_desc(tr['turns'])} | {_fmt_desc(ev['turns'])} |",
-        f"| characters per conversation | {_fmt_desc(tr['chars'])} | {_fmt_desc(ev['chars'])} |",
-        f"| user characters | {_fmt_desc(tr['user_chars'])} | {_fmt_desc(ev['user_chars'])} |",
-        f"| assistant characters | {_fmt_desc(tr['assistant_chars'])} | {_fmt_desc(ev['assistant_chars'])} |",
-        "",
+    conversations = [
+        ["conversations", tr["conversations"], ev["conversations"]],
+        ["with a system message", tr["with_system_message"], ev["with_system_message"]],
+        ["turns (min / p50 / p95 / max)", _fmt_desc(tr["turns"]), _fmt_desc(ev["turns"])],
+        ["characters per conversation", _fmt_desc(tr["chars"]), _fmt_desc(ev["chars"])],
+        ["user characters", _fmt_desc(tr["user_chars"]), _fmt_desc(ev["user_chars"])],
+        ["assistant characters", _fmt_desc(tr["assistant_chars"]), _fmt_desc(ev["assistant_chars"])],
     ]
-    return "\n".join(lines)
+    counts = ["right"] * 4
+    return rpt.Report(
+        "Data report",
+        [
+            rpt.Paragraph(
+                f"**{t['rows_read']} rows read, {t['rows_kept']} kept: "
+                f"{t['train_rows']} train / {t['eval_rows']} eval** ({how})."
+            ),
+            rpt.Bullets(facts),
+            rpt.Section(
+                "Sources",
+                [
+                    rpt.Table(
+                        ["source", "role", "format", "rows read", "kept", "duplicates", "bad"],
+                        sources,
+                        ["left", "left", "left", *counts],
+                    )
+                ],
+            ),
+            rpt.Section(
+                "Formats",
+                [
+                    rpt.Table(
+                        ["format", "rows read", "kept"],
+                        [[f, v["rows_read"], v["kept"]] for f, v in report["formats"].items()],
+                        ["left", "right", "right"],
+                    )
+                ],
+            ),
+            rpt.Section(f"Dropped rows ({t['bad_rows']})", dropped),
+            rpt.Section(
+                f"Duplicates removed ({t['duplicates_removed']})",
+                [rpt.Bullets(duplicates) if duplicates else rpt.Paragraph("None.")],
+            ),
+            rpt.Section("Conversations", [rpt.Table(["", "train", "eval"], conversations)]),
+        ],
+    )

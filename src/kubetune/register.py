@@ -16,8 +16,9 @@ makes a second run) in experiment ``tracking.experiment`` with:
 A version of the registered model (``tracking.registered_model``, default ``kubetune-<model basename>``) points
 at the run's ``adapter/`` (adapter + base reference, not ``mlflow.transformers``: a PEFT model on a local base does
 not round-trip through it), tagged ``kubetune.data_fingerprint``, ``kubetune.eval_loss``, ``kubetune.base_model``.
-The promotion gate (:func:`kubetune.tracking.promote`) moves alias ``champion`` only for a real improvement and
-records ``kubetune.promotion`` / ``kubetune.promotion_reason`` on the version and the run.
+The promotion gate (:func:`kubetune.promotion.promote`, run on MLflow by :func:`kubetune.tracking.promote`) moves
+alias ``champion`` only for a real improvement and records ``kubetune.promotion`` / ``kubetune.promotion_reason`` on
+the version and the run.
 
 Output folder::
 
@@ -33,6 +34,10 @@ finishing later may still take the alias from it (and re-tag it in MLflow): MLfl
 When MLflow is unreachable (after bounded retries) the stage still succeeds: it keeps the outbox, marks the
 registration ``pending`` and warns. Running ``kubetune register`` again with the same inputs sends the outbox
 (the MLflow side is idempotent) and replaces the folder with a ``registered`` one. Nothing is lost.
+
+Also here, because they read the registry: :func:`check_data`, a recurring run's "has the data changed since the
+champion?" decision (the pipeline's data check), and the reports for people of both (:func:`data_check_report`,
+:func:`registration_report`, rendered by :mod:`kubetune.report`).
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune import report as rpt
 from kubetune import tracking
 from kubetune.artifacts import (
     MANIFEST,
@@ -60,6 +68,7 @@ from kubetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
+UNCHANGED = "unchanged"  # check_data's verdict that skips training; every other verdict trains
 REGISTRATION = "registration.json"
 OUTBOX = "outbox.json"
 OUTBOX_DIR = "outbox"
@@ -416,3 +425,82 @@ def champion_data_fingerprint(cfg: Config, retry: tracking.Retry | None = None) 
     return tracking.champion_tag(
         tracking.resolve_uri(cfg), tracking.registered_model_name(cfg), tracking.TAG_DATA_FINGERPRINT, retry=retry
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Has the data changed since the champion? (a recurring run's first question)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """:func:`check_data`'s answer: ``verdict`` is ``unchanged`` (skip training) or why training goes ahead
+    (``forced``, ``no-champion``, ``new-data``); ``reason`` says it in words."""
+
+    verdict: str
+    reason: str
+    current: str
+    champion: str | None
+    model_name: str
+    tracking_uri: str
+
+    @property
+    def train(self) -> bool:
+        return self.verdict != UNCHANGED
+
+
+def check_data(cfg: Config, prepared: str | Path, *, force: bool = False) -> DataCheck:
+    """Compare the prepared data's fingerprint (its manifest's ``fingerprint``) with the one recorded on the
+    registered model's current ``champion`` (:func:`champion_data_fingerprint`): identical data and no ``force``
+    means a recurring run has nothing new to learn from."""
+    current = read_manifest(prepared, "prepare")["fingerprint"]
+    champion = champion_data_fingerprint(cfg)
+    if force:
+        verdict, why = "forced", "`force` is set: training regardless of the data"
+    elif champion is None:
+        verdict, why = "no-champion", "no champion model version records its data yet: training"
+    elif champion != current:
+        verdict, why = "new-data", "the prepared data differs from the champion's: training"
+    else:
+        verdict, why = UNCHANGED, "the prepared data is identical to the champion's: training skipped"
+    return DataCheck(verdict, why, current, champion, tracking.registered_model_name(cfg), tracking.resolve_uri(cfg))
+
+
+def data_check_report(check: DataCheck, *, accelerator: str) -> rpt.Report:
+    """The data check for the run page: verdict, both fingerprints, the registered model, where training runs."""
+    return rpt.Report(
+        "Data check",
+        [
+            rpt.Paragraph(f"**{check.verdict}**: {check.reason}."),
+            rpt.Facts(
+                [("this run", f"`{check.current}`"), ("champion", f"`{check.champion or '-'}`")],
+                header=("", "data fingerprint"),
+            ),
+            rpt.Paragraph(
+                f"Registered model `{check.model_name}` at `{check.tracking_uri}`; training runs on `{accelerator}`."
+            ),
+        ],
+    )
+
+
+_REGISTRATION_KEYS = (
+    "status",
+    "model_name",
+    "version",
+    "promotion",
+    "promotion_reason",
+    "champion_version",
+    "experiment",
+    "run_id",
+    "tracking_uri",
+    "error",
+)
+
+
+def registration_report(registration: Mapping[str, Any]) -> rpt.Report:
+    """A short summary of ``registration.json`` (the keys people look for, those that are set)."""
+    facts = [
+        (key, str(registration[key]).replace("|", "/"))  # a pipe would break the table
+        for key in _REGISTRATION_KEYS
+        if registration.get(key) is not None
+    ]
+    return rpt.Report("Registration", [rpt.Facts(facts)])

@@ -1,5 +1,7 @@
-"""Everything MLflow (the only module that imports it): where the store is, sending a registration, the
-promotion gate.
+"""The MLflow transport (the only module that imports mlflow): where the store is, retries, sending a
+registration idempotently, outbox files, and :class:`MlflowRegistry`, the MLflow implementation of
+:class:`kubetune.promotion.Registry`. The promotion protocol itself (decide, promote, converge) is
+:mod:`kubetune.promotion`; :func:`promote` and :func:`converge` here run it on MLflow versions.
 
 Where: ``tracking.uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``
 (a local store with a model registry; its artifacts go to ``<output_dir>/mlartifacts/``). ``kubetune ui`` opens it
@@ -11,7 +13,7 @@ can be kept in an outbox file and sent later), and makes the MLflow state match 
 - one run per kubetune run, found by its tag ``kubetune.run_id`` before one is created; params, metrics, the
   training curve and dataset inputs that are already there are not logged twice; artifacts are re-uploaded;
 - one model version per run (found by run id) whose source is the run's ``<artifact_uri>/<artifact_path>``;
-- the promotion gate (:func:`promote`) on alias ``champion``.
+- the promotion gate (:func:`promote`, i.e. :func:`kubetune.promotion.promote`) on alias ``champion``.
 
 The whole send is retried with exponential backoff on failure (:class:`Retry`: a few attempts, bounded total time;
 MLflow's own HTTP retries are switched off meanwhile so the bound holds). When it still fails,
@@ -33,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -46,26 +47,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kubetune import promotion
 from kubetune.errors import UserError
+from kubetune.promotion import (  # the protocol's names, used by register and the tests through this module too
+    ALIAS,
+    PROMOTED,  # noqa: F401
+    RACE_WINDOW_S,
+    REJECTED,  # noqa: F401
+    TAG_BASELINE,  # noqa: F401
+    TAG_EVAL_LOSS,  # noqa: F401
+    TAG_PROMOTION,  # noqa: F401
+    TAG_REASON,  # noqa: F401
+    decide,
+)
 
 log = logging.getLogger(__name__)
 
-ALIAS = "champion"
 TAG_RUN_KEY = "kubetune.run_id"
 TAG_DATA_FINGERPRINT = "kubetune.data_fingerprint"
-TAG_EVAL_LOSS = "kubetune.eval_loss"
 TAG_BASE_EVAL_LOSS = "kubetune.base_eval_loss"
 TAG_BASE_MODEL = "kubetune.base_model"
-TAG_PROMOTION = "kubetune.promotion"
-TAG_REASON = "kubetune.promotion_reason"
-TAG_BASELINE = "kubetune.promotion_baseline"  # the champion version compared against, or "base"
-PROMOTED, REJECTED = "promoted", "rejected"
-_LOST = "lost a concurrent promotion"  # how a racer's rejection by convergence begins
-
-# Versions registered this close together (server clock) are treated as racing for the alias; older promoted
-# versions are history and never pulled back into `champion` (a manual rollback stays rolled back).
-RACE_WINDOW_S = 600.0
-
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000
 MAX_KEY_LENGTH = 250
@@ -517,47 +518,59 @@ def send(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The promotion gate
+# The promotion protocol over MLflow's model registry
 
 
-def decide(eval_loss: float, baseline_loss: float | None, min_improvement: float, against: str) -> tuple[bool, str]:
-    """Promote only when ``eval_loss`` is lower than ``baseline_loss`` by at least ``min_improvement`` (and by
-    more than nothing). Returns (promoted, a sentence with the numbers)."""
-    if eval_loss is None or not math.isfinite(eval_loss):
-        return False, f"eval_loss {eval_loss} is not a finite number"
-    if baseline_loss is None or not math.isfinite(baseline_loss):
-        return False, (
-            f"{against} has no recorded eval loss to compare with (tag `{TAG_EVAL_LOSS}`); "
-            "move the alias by hand if this version should serve"
-        )
-    gain = baseline_loss - eval_loss
-    if gain <= 0:
-        return False, f"eval_loss {eval_loss:.4f} does not beat {against} ({baseline_loss:.4f})"
-    if gain < min_improvement:
-        return False, (
-            f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by only {gain:.4f}, "
-            f"less than min_improvement {min_improvement:.4f}"
-        )
-    return True, (
-        f"eval_loss {eval_loss:.4f} beats {against} ({baseline_loss:.4f}) by {gain:.4f} "
-        f"(min_improvement {min_improvement:.4f})"
+def _version(mv) -> promotion.Version:
+    return promotion.Version(
+        version=str(mv.version),
+        tags=dict(mv.tags or {}),
+        run_id=mv.run_id or None,
+        creation_timestamp=int(mv.creation_timestamp or 0),
     )
 
 
-def _loss_of(c, mv) -> float | None:
-    raw = mv.tags.get(TAG_EVAL_LOSS)
-    try:
-        if raw is not None:
-            return float(raw)
-        if mv.run_id:
-            return c.get_run(mv.run_id).data.metrics.get("eval_loss")
-    except (ValueError, TypeError):
-        return None
-    return None
+class MlflowRegistry:
+    """:class:`kubetune.promotion.Registry` over one registered model of an ``MlflowClient``."""
+
+    def __init__(self, c, name: str):
+        self.client, self.name = c, name
+
+    def champion(self) -> promotion.Version | None:
+        mv = champion(self.client, self.name)
+        return _version(mv) if mv is not None else None
+
+    def get(self, version: str) -> promotion.Version | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _version(self.client.get_model_version(self.name, version))
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def versions(self) -> list[promotion.Version]:
+        return [_version(mv) for mv in self.client.search_model_versions(f"name = '{self.name}'")]
+
+    def set_alias(self, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, ALIAS, version)
+
+    def tag_version(self, version: str, tags) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, v)
+
+    def tag_run(self, run_id: str, tags) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def run_metric(self, run_id: str, key: str) -> float | None:
+        return self.client.get_run(run_id).data.metrics.get(key)
 
 
 def champion(c, name: str):
-    """The version holding alias ``champion`` (None when no version does or the model does not exist)."""
+    """The MLflow model version holding alias ``champion`` (None when no version does or the model does not
+    exist)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -567,37 +580,6 @@ def champion(c, name: str):
             return None
         raise
     return c.get_model_version(name, str(version)) if version is not None else None
-
-
-def _chain(c, name: str, mv, limit: int = 50) -> dict[str, tuple[str, Any]]:
-    """Versions reached by following ``kubetune.promotion_baseline`` from ``mv``: the champions it replaced (nearest
-    first), each mapped to the version that replaced it and the model version as read (None once deleted)."""
-    seen: dict[str, tuple[str, Any]] = {}
-    current = mv
-    while current is not None and len(seen) < limit:
-        prev = current.tags.get(TAG_BASELINE)
-        if not prev or prev == "base" or prev in seen:
-            break
-        replacer = str(current.version)
-        try:
-            current = c.get_model_version(name, prev)
-        except Exception:  # a deleted version ends the chain
-            current = None
-        seen[prev] = (replacer, current)
-    return seen
-
-
-def _tag_decision(
-    c, name: str, version: str, run_id: str | None, decision: str, reason: str, baseline: str | None
-) -> None:
-    tags = {TAG_PROMOTION: decision, TAG_REASON: reason}
-    if baseline is not None:
-        tags[TAG_BASELINE] = baseline
-    for k, v in tags.items():
-        c.set_model_version_tag(name, version, k, v)
-    if run_id:
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
 
 
 def promote(
@@ -612,113 +594,24 @@ def promote(
     window_s: float = RACE_WINDOW_S,
     rounds: int = 5,
 ) -> dict[str, Any]:
-    """The gate, as a compare-and-set loop, then convergence against racing versions.
-
-    1. Read the champion; compare this version's eval loss with it (or with the base model's eval loss when there
-       is none) via :func:`decide`; record the decision and reason as tags (version and run) *before* moving the
-       alias; move it when promoted; read again: if another version took the alias meanwhile without having
-       beaten this one, decide again against it.
-    2. Converge (:func:`converge`): the alias must end on the best version that earned promotion among those
-       registered within ``window_s`` of this one; the racers that lose are re-tagged ``rejected`` with the reason.
-
-    Re-running it for a version that already holds the alias, or that a later champion beat, changes nothing.
-    """
-    v = str(mv.version)
-    for _ in range(rounds):
-        holder = champion(c, name)
-        if holder is not None and str(holder.version) == v:
-            break
-        if holder is not None and v in _chain(c, name, holder):
-            log.info(
-                "%s version %s was replaced by champion version %s; keeping its recorded decision",
-                name,
-                v,
-                holder.version,
-            )
-            return _state(c, name, v)
-        if holder is None:
-            baseline_loss, against, baseline = base_eval_loss, "the base model", "base"
-        else:
-            baseline_loss, against = _loss_of(c, holder), f"champion version {holder.version}"
-            baseline = str(holder.version)
-        promoted, reason = decide(eval_loss, baseline_loss, min_improvement, against)
-        _tag_decision(c, name, v, run_id, PROMOTED if promoted else REJECTED, reason, baseline)
-        if not promoted:
-            return _state(c, name, v)
-        c.set_registered_model_alias(name, ALIAS, v)
-    converge(c, name, c.get_model_version(name, v), window_s=window_s, rounds=rounds)
-    return _state(c, name, v)
+    """:func:`kubetune.promotion.promote` for MLflow model version ``mv`` of registered model ``name``, deciding
+    with this module's :func:`decide`."""
+    return promotion.promote(
+        MlflowRegistry(c, name),
+        _version(mv),
+        eval_loss=eval_loss,
+        base_eval_loss=base_eval_loss,
+        min_improvement=min_improvement,
+        run_id=run_id,
+        window_s=window_s,
+        rounds=rounds,
+        decide=decide,
+    )
 
 
 def converge(c, name: str, mv, *, window_s: float = RACE_WINDOW_S, rounds: int = 5) -> str | None:
-    """Put the alias on the best (lowest eval loss, then lowest version number) version among the current holder
-    and the versions that earned promotion within ``window_s`` of ``mv``; re-tag racers that lost. Every racer
-    computes the same answer, so concurrent calls agree. Returns the champion version."""
-    best = None
-    recent: list = []
-    for _ in range(rounds):
-        holder = champion(c, name)
-        ref = mv.creation_timestamp or 0
-        recent = [
-            x
-            for x in c.search_model_versions(f"name = '{name}'")
-            if x.tags.get(TAG_PROMOTION) == PROMOTED and abs((x.creation_timestamp or 0) - ref) <= window_s * 1000
-        ]
-        contenders = {str(x.version): x for x in recent}
-        if holder is not None:
-            contenders[str(holder.version)] = holder
-        scored = [(loss, int(k), x) for k, x in contenders.items() if (loss := _loss_of(c, x)) is not None]
-        if not scored:
-            return str(holder.version) if holder is not None else None
-        best = min(scored, key=lambda t: (t[0], t[1]))
-        if holder is not None and str(holder.version) == str(best[2].version):
-            break
-        log.warning(
-            "%s: alias %s is on version %s but racing version %s has the lower eval loss (%.4f); moving it",
-            name,
-            ALIAS,
-            holder.version if holder else None,
-            best[2].version,
-            best[0],
-        )
-        c.set_registered_model_alias(name, ALIAS, str(best[2].version))
-    if best is None:
-        return None
-    winner = best[2]
-    on_chain = _chain(c, name, winner)
-    for x in recent:
-        xv = str(x.version)
-        if xv == str(winner.version) or xv in on_chain:
-            continue
-        loss = _loss_of(c, x)
-        reason = (
-            f"{_LOST}: version {winner.version} (eval_loss {best[0]:.4f}) beats this "
-            f"version (eval_loss {loss:.4f}) and holds `{ALIAS}`"
-        )
-        log.warning("%s version %s %s", name, xv, reason)
-        _tag_decision(c, name, xv, x.run_id, REJECTED, reason, None)
-    # A version the winner's chain runs through held the alias and was beaten fairly by the next one: it stays
-    # promoted, as a champion replaced later does. Another racer's convergence may have rejected it before the
-    # chain reached it (a racer re-decides against a newer holder and re-tags its baseline): restore it.
-    for xv, (successor, x) in on_chain.items():  # (read by _chain; the loop above leaves their tags alone)
-        if x is None or x.tags.get(TAG_PROMOTION) != REJECTED or not (x.tags.get(TAG_REASON) or "").startswith(_LOST):
-            continue
-        before = x.tags.get(TAG_BASELINE)
-        over = "the base model" if before in (None, "base") else f"version {before}"
-        reason = f"was `{ALIAS}` (promoted over {over}) until version {successor} beat it"
-        log.info("%s version %s %s", name, xv, reason)
-        _tag_decision(c, name, xv, x.run_id, PROMOTED, reason, None)
-    return str(winner.version)
-
-
-def _state(c, name: str, version: str) -> dict[str, Any]:
-    mv = c.get_model_version(name, version)
-    holder = champion(c, name)
-    return {
-        "promotion": mv.tags.get(TAG_PROMOTION),
-        "promotion_reason": mv.tags.get(TAG_REASON),
-        "champion_version": str(holder.version) if holder is not None else None,
-    }
+    """:func:`kubetune.promotion.converge` for MLflow model version ``mv`` of registered model ``name``."""
+    return promotion.converge(MlflowRegistry(c, name), _version(mv), window_s=window_s, rounds=rounds)
 
 
 def champion_tag(uri: str, name: str, key: str, retry: Retry | None = None) -> str | None:

@@ -530,3 +530,31 @@ def test_convergence_restores_a_champion_the_winners_chain_runs_through(store):
     # converging again changes nothing
     assert tracking.converge(c, "m-chain", c.get_model_version("m-chain", "2")) == "1"
     assert c.get_model_version("m-chain", "2").tags[tracking.TAG_PROMOTION] == "promoted"
+
+
+def test_check_data_compares_the_prepared_data_with_the_champions(store, tmp_path):
+    from components import runtime
+
+    cfg = cfg_for(store, "m-check", tmp_path)
+    run = make_run(tmp_path, "chk", eval_loss=1.0, data_fp="data-chk")
+    first = register.check_data(cfg, run["prepared"])
+    assert (first.verdict, first.champion, first.current) == ("no-champion", None, "data-chk") and first.train
+    do_register(cfg, run, tmp_path / "out")
+    same = register.check_data(cfg, run["prepared"])
+    assert same.verdict == register.UNCHANGED == runtime.UNCHANGED and not same.train
+    assert same.reason == "the prepared data is identical to the champion's: training skipped"
+    assert (same.model_name, same.tracking_uri) == ("m-check", store)
+    assert register.check_data(cfg, run["prepared"], force=True).verdict == "forced"
+    other = make_run(tmp_path / "other", "chk2", eval_loss=1.0, data_fp="data-new")
+    changed = register.check_data(cfg, other["prepared"])
+    assert (changed.verdict, changed.champion, changed.current) == ("new-data", "data-chk", "data-new")
+    with pytest.raises(register.UserError, match="is a `pack` output"):
+        register.check_data(cfg, run["packed"])
+
+
+def test_registration_report_lists_the_keys_that_are_set():
+    from kubetune.report import Facts, to_markdown
+
+    rep = register.registration_report({"status": "pending", "version": None, "error": "a | b", "other": 1})
+    assert rep.title == "Registration" and rep.blocks == [Facts([("status", "pending"), ("error", "a / b")])]
+    assert to_markdown(rep) == "# Registration\n\n| | |\n| --- | --- |\n| status | pending |\n| error | a / b |\n"
