@@ -312,7 +312,34 @@ def test_workload_identity_bindings_match_the_manifests_service_accounts(parsed)
     bindings = _resources(parsed, "modules/iam", "google_service_account_iam_member")
     assert {b["role"] for b in bindings.values()} == {"roles/iam.workloadIdentityUser"}
     # No project-wide storage or owner/editor grants: bucket access is granted on the bucket only.
-    project_roles = {b["role"] for b in _resources(parsed, "modules/iam", "google_project_iam_member").values()}
+    project_grants = _resources(parsed, "modules/iam", "google_project_iam_member")
+    assert set(project_grants) == {"this"} and project_grants["this"]["role"] == "${each.value.role}"
+    project_roles = {grant["role"] for grant in project_grants["this"]["for_each"].values()}
+    assert project_roles == {
+        "roles/container.defaultNodeServiceAccount",
+        "roles/cloudsql.client",
+        "roles/logging.logWriter",
+    }
+    repository = _resources(parsed, "modules/iam", "google_artifact_registry_repository_iam_member")["this"]
+    assert repository["for_each"] == {
+        "nodes_pull": {"role": "roles/artifactregistry.reader", "member": "${google_service_account.nodes.member}"},
+        "build_push": {"role": "roles/artifactregistry.writer", "member": "${google_service_account.build.member}"},
+    }
+    moved = sorted(
+        (block["from"], block["to"])
+        for path, tree in parsed.items()
+        if path.parent == TF_ROOT.relative_to(ROOT) / "modules" / "iam"
+        for block in tree.get("moved", [])
+    )
+    # Every address these grants had when each was a resource of its own moves to its for_each key.
+    old_addresses = [
+        ("google_project_iam_member", "nodes_default"),
+        ("google_project_iam_member", "mlflow_cloudsql_client"),
+        ("google_project_iam_member", "build_logs"),
+        ("google_artifact_registry_repository_iam_member", "nodes_pull"),
+        ("google_artifact_registry_repository_iam_member", "build_push"),
+    ]
+    assert moved == sorted((f"${{{rtype}.{key}}}", f'${{{rtype}.this["{key}"]}}') for rtype, key in old_addresses)
     assert not project_roles & {
         "roles/owner",
         "roles/editor",
