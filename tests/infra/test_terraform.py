@@ -7,6 +7,8 @@ parse tree.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import pytest
@@ -84,29 +86,137 @@ def _placement_locals(parsed) -> dict:
     return _blocks(parsed, "modules/node_pools", "locals")
 
 
+def _pools(parsed) -> dict[str, dict]:
+    """Each pool's entry of local.pools as the resource sees it: local.pool_defaults merged with its spec."""
+    local = _placement_locals(parsed)
+    return {key: {**local["pool_defaults"], **spec} for key, spec in local["pool_specs"].items()}
+
+
+def test_one_node_pool_resource_for_each_over_the_pools(parsed):
+    resources = _resources(parsed, "modules/node_pools", "google_container_node_pool")
+    assert set(resources) == {"this"}, "node pools are one resource driven by local.pools, not copies"
+    pool = resources["this"]
+    assert pool["for_each"] == "${local.pools}"
+    local = _placement_locals(parsed)
+    assert local["pools"] == "${{for key, spec in local.pool_specs : key => merge(local.pool_defaults, spec)}}"
+    assert set(local["pool_specs"]) == {"system", "cpu", "gpu"}
+    # Every attribute the resource reads from a pool has a default, so no pool can lack one.
+    read = set(re.findall(r"each\.value\.(\w+)", json.dumps(pool)))
+    assert read <= set(local["pool_defaults"]) | {"name", "machine_type", "label_value"}
+    for key, spec in local["pool_specs"].items():
+        assert {"name", "machine_type", "label_value"} <= set(spec), key
+        assert set(spec) <= set(local["pool_defaults"]) | {"name", "machine_type", "label_value"}, key
+    # The GKE pool names stay what they were (outputs, kubectl and the console show them).
+    assert {k: v["name"] for k, v in local["pool_specs"].items()} == {"system": "system", "cpu": "cpu-c3", "gpu": "gpu"}
+    dynamic = {name for block in pool["node_config"][0]["dynamic"] for name in block}
+    assert dynamic == {"taint", "guest_accelerator", "gcfs_config"}
+    assert {name for block in pool["dynamic"] for name in block} == {"placement_policy"}
+
+
+def test_moved_blocks_cover_every_old_pool_address(parsed):
+    moved = [
+        block
+        for path, tree in parsed.items()
+        if path.parent == TF_ROOT.relative_to(ROOT) / "modules" / "node_pools"
+        for block in tree.get("moved", [])
+    ]
+    assert sorted((m["from"], m["to"]) for m in moved) == sorted(
+        (f"${{google_container_node_pool.{key}}}", f'${{google_container_node_pool.this["{key}"]}}')
+        for key in ("system", "cpu", "gpu")
+    )
+
+
 def test_c3_and_gpu_pools_scale_from_zero_with_labels_and_taints_from_the_contract(parsed):
-    pools = _resources(parsed, "modules/node_pools", "google_container_node_pool")
-    assert set(pools) == {"system", "cpu", "gpu"}
+    pool = _resources(parsed, "modules/node_pools", "google_container_node_pool")["this"]
+    pools = _pools(parsed)
+    scaling = pool["autoscaling"][0]
+    assert scaling["total_min_node_count"] == "${each.value.per_zone_limits ? null : each.value.min_nodes}"
+    assert scaling["min_node_count"] == "${each.value.per_zone_limits ? each.value.min_nodes : null}"
+    assert pool["initial_node_count"] == "${each.value.min_nodes}"
+    node = pool["node_config"][0]
+    assert node["labels"] == {"${(local.pool_label_key)}": "${each.value.label_value}"}
+    taint = next(block["taint"] for block in node["dynamic"] if "taint" in block)
+    assert taint["for_each"] == "${each.value.taint_value == null ? [] : [each.value.taint_value]}"
+    assert taint["content"] == [
+        {"key": "${local.pool_label_key}", "value": "${taint.value}", "effect": "${local.pool_taint_effect}"}
+    ]
+    assert node["spot"] == "${each.value.spot}"
+    assert node["workload_metadata_config"][0]["mode"] == "GKE_METADATA"
+    assert node["shielded_instance_config"][0]["enable_secure_boot"] is True
     for name in ("cpu", "gpu"):
-        pool = pools[name]
-        scaling = pool["autoscaling"][0]
-        assert scaling["total_min_node_count"] == 0, f"{name} pool must scale from zero"
-        assert pool["initial_node_count"] == 0
-        node = pool["node_config"][0]
-        assert node["labels"] == {"${(local.pool_label_key)}": f"${{local.pool_label_values.{name}}}"}
-        assert node["taint"] == [
-            {
-                "key": "${local.pool_label_key}",
-                "value": f"${{local.pool_label_values.{name}}}",
-                "effect": "${local.pool_taint_effect}",
-            }
-        ]
-        assert node["spot"] == f"${{var.{name}_spot}}"
-        assert node["workload_metadata_config"][0]["mode"] == "GKE_METADATA"
-        assert node["shielded_instance_config"][0]["enable_secure_boot"] is True
+        spec = pools[name]
+        assert spec["min_nodes"] == 0 and spec["per_zone_limits"] is False, f"{name} pool must scale from zero"
+        assert spec["label_value"] == f"${{local.pool_label_values.{name}}}"
+        assert spec["taint_value"] == f"${{local.pool_label_values.{name}}}"
+        assert spec["spot"] == f"${{var.{name}_spot}}"
+        assert spec["image_streaming"] is True
     # Only the system pool has no taint, and it never scales to zero (kube-system, KFP, MLflow live there).
-    assert "taint" not in pools["system"]["node_config"][0]
-    assert pools["system"]["autoscaling"][0]["min_node_count"] >= 1
+    assert pools["system"]["taint_value"] is None
+    assert pools["system"]["label_value"] == "${local.pool_label_values.system}"
+    assert pools["system"]["min_nodes"] >= 1 and pools["system"]["per_zone_limits"] is True
+
+
+# The pools' addresses before they became one resource, as terraform_data stand-ins with each pool's GKE name.
+_OLD_POOLS = "".join(
+    f'resource "terraform_data" "{key}" {{\n  input = "{name}"\n}}\n'
+    for key, name in (("system", "system"), ("cpu", "cpu-c3"), ("gpu", "gpu"))
+)
+
+
+def _stand_in(main_tf: str) -> str:
+    """``main_tf`` with every google_container_node_pool replaced by a terraform_data of the same address
+    (name and for_each) whose input is the pool's name; locals and moved blocks stay, retyped."""
+    out, last = [], 0
+    for match in re.finditer(r'^resource "google_container_node_pool" "(\w+)" \{\n', main_tf, flags=re.M):
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(main_tf[end], 0)
+            end += 1
+        body = main_tf[match.end() : end]
+        for_each = re.search(r"^  for_each = (.+)$", body, flags=re.M)
+        name = re.search(r"^  name\s+= (.+)$", body, flags=re.M).group(1)
+        out.append(main_tf[last : match.start()])
+        out.append(f'resource "terraform_data" "{match.group(1)}" {{\n')
+        out.append(f"  for_each = {for_each.group(1)}\n" if for_each else "")
+        out.append(f"  input = {name}\n}}\n")
+        last = end
+    out.append(main_tf[last:])
+    return "".join(out).replace("google_container_node_pool.", "terraform_data.")
+
+
+def test_pool_addresses_move_without_destroying_anything(tmp_path):
+    """A plan of the pools with terraform_data stand-ins: the old three resources in a local state, then the new
+    resource and its moved blocks. The google provider cannot be downloaded here; terraform_data is built in.
+    Each stand-in keeps its resource's address (name, for_each) and takes the pool's GKE name as input."""
+    exe = binary("terraform")
+    module = TF_ROOT / "modules" / "node_pools"
+    env = {**os.environ, "TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
+    tfvars = tmp_path / "test.tfvars"
+    tfvars.write_text(
+        'project_id = "p"\ncluster_id = "projects/p/locations/r/clusters/c"\n'
+        'location = "us-central1"\nnode_service_account = "n@p.iam.gserviceaccount.com"\n'
+    )
+    state = tmp_path / "terraform.tfstate"
+    plans = {}
+    for step, main in (("old", _OLD_POOLS), ("new", _stand_in((module / "main.tf").read_text()))):
+        folder = tmp_path / step
+        folder.mkdir()
+        (folder / "main.tf").write_text(main)
+        for name in ("variables.tf", "placement.tf"):
+            (folder / name).write_text((module / name).read_text())
+        init = run([exe, f"-chdir={folder}", "init", "-input=false", "-no-color"], env=env)
+        assert init.returncode == 0, init.stdout + init.stderr
+        verb = ["apply", "-auto-approve"] if step == "old" else ["plan"]
+        done = run(
+            [exe, f"-chdir={folder}", *verb, "-input=false", "-no-color", f"-var-file={tfvars}", f"-state={state}"],
+            env=env,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        plans[step] = done.stdout
+    assert "Resources: 3 added" in plans["old"]
+    assert "Plan: 0 to add, 0 to change, 0 to destroy." in plans["new"]
+    for key in ("system", "cpu", "gpu"):
+        assert f'terraform_data.{key} has moved to terraform_data.this["{key}"]' in plans["new"]
 
 
 def test_c3_pool_defaults_to_c3_standard_22_and_rejects_other_families(parsed):
@@ -128,8 +238,15 @@ def test_gpu_pool_is_l4_by_default_with_a100_h100_options_and_driver_installatio
     assert profiles["a100"]["machine_type"].startswith("a2-")
     assert profiles["h100"]["machine_type"].startswith("a3-")
     assert profiles["h100"]["accelerator"] == "nvidia-h100-80gb"
-    gpu = _resources(parsed, "modules/node_pools", "google_container_node_pool")["gpu"]
-    accel = gpu["node_config"][0]["guest_accelerator"][0]
+    pool = _resources(parsed, "modules/node_pools", "google_container_node_pool")["this"]
+    dynamic = next(b["guest_accelerator"] for b in pool["node_config"][0]["dynamic"] if "guest_accelerator" in b)
+    accel = dynamic["content"][0]
+    assert accel["type"] == "${guest_accelerator.value.type}"
+    assert accel["count"] == "${guest_accelerator.value.count}"
+    pools = _pools(parsed)
+    assert pools["gpu"]["accelerator"] == {"type": "${local.gpu.accelerator}", "count": "${local.gpu.count}"}
+    assert pools["gpu"]["machine_type"] == "${local.gpu.machine_type}"
+    assert pools["cpu"]["accelerator"] is None and pools["system"]["accelerator"] is None
     assert accel["gpu_driver_installation_config"][0]["gpu_driver_version"] == "${var.gpu_driver_version}"
     assert variables["gpu_driver_version"]["default"] == "LATEST"
 
@@ -195,7 +312,34 @@ def test_workload_identity_bindings_match_the_manifests_service_accounts(parsed)
     bindings = _resources(parsed, "modules/iam", "google_service_account_iam_member")
     assert {b["role"] for b in bindings.values()} == {"roles/iam.workloadIdentityUser"}
     # No project-wide storage or owner/editor grants: bucket access is granted on the bucket only.
-    project_roles = {b["role"] for b in _resources(parsed, "modules/iam", "google_project_iam_member").values()}
+    project_grants = _resources(parsed, "modules/iam", "google_project_iam_member")
+    assert set(project_grants) == {"this"} and project_grants["this"]["role"] == "${each.value.role}"
+    project_roles = {grant["role"] for grant in project_grants["this"]["for_each"].values()}
+    assert project_roles == {
+        "roles/container.defaultNodeServiceAccount",
+        "roles/cloudsql.client",
+        "roles/logging.logWriter",
+    }
+    repository = _resources(parsed, "modules/iam", "google_artifact_registry_repository_iam_member")["this"]
+    assert repository["for_each"] == {
+        "nodes_pull": {"role": "roles/artifactregistry.reader", "member": "${google_service_account.nodes.member}"},
+        "build_push": {"role": "roles/artifactregistry.writer", "member": "${google_service_account.build.member}"},
+    }
+    moved = sorted(
+        (block["from"], block["to"])
+        for path, tree in parsed.items()
+        if path.parent == TF_ROOT.relative_to(ROOT) / "modules" / "iam"
+        for block in tree.get("moved", [])
+    )
+    # Every address these grants had when each was a resource of its own moves to its for_each key.
+    old_addresses = [
+        ("google_project_iam_member", "nodes_default"),
+        ("google_project_iam_member", "mlflow_cloudsql_client"),
+        ("google_project_iam_member", "build_logs"),
+        ("google_artifact_registry_repository_iam_member", "nodes_pull"),
+        ("google_artifact_registry_repository_iam_member", "build_push"),
+    ]
+    assert moved == sorted((f"${{{rtype}.{key}}}", f'${{{rtype}.this["{key}"]}}') for rtype, key in old_addresses)
     assert not project_roles & {
         "roles/owner",
         "roles/editor",

@@ -47,19 +47,56 @@ resource "google_service_account" "build" {
   description  = "Cloud Build: reads the uploaded source, pushes images to the repository."
 }
 
-# --- nodes ---------------------------------------------------------------------------------------------------
-resource "google_project_iam_member" "nodes_default" {
+# --- project and repository grants -------------------------------------------------------------------------
+# Project-wide roles only where IAM has nothing narrower: the node role, Cloud SQL client, writing build logs.
+resource "google_project_iam_member" "this" {
+  for_each = {
+    nodes_default          = { role = "roles/container.defaultNodeServiceAccount", member = google_service_account.nodes.member }
+    mlflow_cloudsql_client = { role = "roles/cloudsql.client", member = google_service_account.mlflow.member }
+    build_logs             = { role = "roles/logging.logWriter", member = google_service_account.build.member }
+  }
   project = var.project_id
-  role    = "roles/container.defaultNodeServiceAccount"
-  member  = google_service_account.nodes.member
+  role    = each.value.role
+  member  = each.value.member
 }
 
-resource "google_artifact_registry_repository_iam_member" "nodes_pull" {
+# Nodes pull images; Cloud Build pushes them.
+resource "google_artifact_registry_repository_iam_member" "this" {
+  for_each = {
+    nodes_pull = { role = "roles/artifactregistry.reader", member = google_service_account.nodes.member }
+    build_push = { role = "roles/artifactregistry.writer", member = google_service_account.build.member }
+  }
   project    = var.project_id
   location   = var.repository_location
   repository = var.repository_id
-  role       = "roles/artifactregistry.reader"
-  member     = google_service_account.nodes.member
+  role       = each.value.role
+  member     = each.value.member
+}
+
+# Each of these grants was a resource of its own before the two above: the moved blocks keep them in the state.
+moved {
+  from = google_project_iam_member.nodes_default
+  to   = google_project_iam_member.this["nodes_default"]
+}
+
+moved {
+  from = google_project_iam_member.mlflow_cloudsql_client
+  to   = google_project_iam_member.this["mlflow_cloudsql_client"]
+}
+
+moved {
+  from = google_project_iam_member.build_logs
+  to   = google_project_iam_member.this["build_logs"]
+}
+
+moved {
+  from = google_artifact_registry_repository_iam_member.nodes_pull
+  to   = google_artifact_registry_repository_iam_member.this["nodes_pull"]
+}
+
+moved {
+  from = google_artifact_registry_repository_iam_member.build_push
+  to   = google_artifact_registry_repository_iam_member.this["build_push"]
 }
 
 # --- pipeline ------------------------------------------------------------------------------------------------
@@ -91,12 +128,6 @@ resource "google_storage_bucket_iam_member" "mlflow_objects" {
   member = google_service_account.mlflow.member
 }
 
-resource "google_project_iam_member" "mlflow_cloudsql_client" {
-  project = var.project_id
-  role    = "roles/cloudsql.client"
-  member  = google_service_account.mlflow.member
-}
-
 resource "google_service_account_iam_member" "mlflow_workload_identity" {
   service_account_id = google_service_account.mlflow.name
   role               = "roles/iam.workloadIdentityUser"
@@ -104,20 +135,6 @@ resource "google_service_account_iam_member" "mlflow_workload_identity" {
 }
 
 # --- Cloud Build ---------------------------------------------------------------------------------------------
-resource "google_artifact_registry_repository_iam_member" "build_push" {
-  project    = var.project_id
-  location   = var.repository_location
-  repository = var.repository_id
-  role       = "roles/artifactregistry.writer"
-  member     = google_service_account.build.member
-}
-
-resource "google_project_iam_member" "build_logs" {
-  project = var.project_id
-  role    = "roles/logging.logWriter"
-  member  = google_service_account.build.member
-}
-
 # `make images` stages the build context under gs://BUCKET/cloudbuild-source/.
 resource "google_storage_bucket_iam_member" "build_source" {
   bucket = var.bucket_name

@@ -11,12 +11,12 @@ output "placement" {
 
 output "cpu_pool_name" {
   description = "Name of the C3 node pool."
-  value       = google_container_node_pool.cpu.name
+  value       = google_container_node_pool.this["cpu"].name
 }
 
 output "gpu_pool_name" {
   description = "Name of the GPU node pool."
-  value       = google_container_node_pool.gpu.name
+  value       = google_container_node_pool.this["gpu"].name
 }
 
 output "gpu_shape" {
