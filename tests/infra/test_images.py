@@ -71,11 +71,14 @@ def test_bases_are_build_args_whose_defaults_are_pinned_by_tag_and_digest():
     defaults = dict(re.findall(r"^ARG\s+(\w+_BASE)=(\S+)$", TEXT, flags=re.M))
     assert set(defaults) == BASE_ARGS
     for name, ref in defaults.items():
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), f"{name}={ref} is not pinned by tag and digest"
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), (
+            f"{name}={ref} is not pinned by tag and digest"
+        )
     assert defaults["PYTHON_BASE"].startswith("python:3.11.")
     assert defaults["CUDA_BASE"].startswith("nvidia/cuda:")
     # the base ARGs come before the first FROM (global), and every FROM is one of them or an earlier stage
-    assert TEXT.index("ARG PYTHON_BASE=") < TEXT.index("\nFROM ") and TEXT.index("ARG CUDA_BASE=") < TEXT.index("\nFROM ")
+    first_from = TEXT.index("\nFROM ")
+    assert TEXT.index("ARG PYTHON_BASE=") < first_from and TEXT.index("ARG CUDA_BASE=") < first_from
     seen: list[str] = []
     for name, (base, _) in STAGES.items():
         assert base in {f"${{{a}}}" for a in BASE_ARGS} or base in seen, f"stage {name}: FROM {base}"
@@ -142,7 +145,11 @@ def test_code_is_a_layer_after_the_stack():
     for app, runtime in (("cpu-app", "cpu"), ("gpu-app", "gpu")):
         assert "--no-deps" in STAGES[app][1] and "--prefix=/opt/kubetune" in STAGES[app][1]
         text = STAGES[runtime][1]
-        assert text.index("COPY --from=" + runtime + "-deps /opt/venv") < text.index(f"COPY --from={app} /opt/kubetune/")
+        deps, code = (
+            text.index(f"COPY --from={runtime}-deps /opt/venv"),
+            text.index(f"COPY --from={app} /opt/kubetune/"),
+        )
+        assert deps < code
 
 
 def test_gpu_target_installs_the_gpu_extra_and_checks_bitsandbytes():
