@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Builds images/Dockerfile targets with buildah on the local stand-in base (images/local-base.sh), for machines with
 # no Docker engine and no access to Docker Hub or PyTorch's index. `make images-local` and the images test tier
-# (tests/images) run it.  Usage: images/local-build.sh TARGET...   (cpu, mlflow)
+# (tests/images) run it.  Usage: images/local-build.sh TARGET...   (cpu, mlflow, gpu-app)
 #
 # The Dockerfile is the cloud build's, unchanged; only build arguments and build-time mounts differ:
 #   PYTHON_BASE      the stand-in instead of the digest-pinned python image
 #   TORCH_INDEX_URL  a one-package index (file:///torch-index) over the torch CPU wheel on this machine's disk
 #                    ($TORCH_WHEEL_DIR, default /opt/wheels), mounted read-only at /wheels
 #   /etc/pip.conf    names this machine's certificate bundle, mounted read-only, so pip reaches PyPI through it
-# Mounts exist only while a RUN step runs; nothing of them is committed.
+#   GPU_PYTHON       gpu-python-base: the GPU stack goes into a venv of the base's Python 3.11, because the
+#                    python-build-standalone interpreter (GitHub) cannot be downloaded here. gpu-app is the GPU
+#                    image's Python layers (PyPI's CUDA torch, bitsandbytes) on the stand-in: the CUDA base and
+#                    the runtime stage are not built.
+# Mounts exist only while a RUN step runs; nothing of them is committed. The image format is Docker's, as a Docker
+# or Cloud Build build makes: the OCI format would drop SHELL (bash -o pipefail) and HEALTHCHECK.
 #
 # Each image is tagged localhost/kubetune-TARGET:local-HASH, HASH a digest of every input of the build (the files
 # of the build context, the Dockerfile, this script, the base image's id, the torch wheel), and :local. An image whose tag
@@ -16,7 +21,7 @@
 # target: the image reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: images/local-build.sh TARGET... (cpu, mlflow)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: images/local-build.sh TARGET... (cpu, mlflow, gpu-app)" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "images/local-build.sh: needs root (buildah --isolation chroot)." >&2; exit 1; }
 command -v buildah >/dev/null || { echo "images/local-build.sh: buildah is missing: apt-get install -y buildah debootstrap" >&2; exit 1; }
 
@@ -48,9 +53,9 @@ for target in "$@"; do
     echo "$image is up to date" >&2
   else
     start=$(date +%s)
-    buildah bud --layers --isolation chroot --target "$target" --file images/Dockerfile \
+    buildah bud --layers --isolation chroot --format docker --target "$target" --file images/Dockerfile \
       --build-arg "PYTHON_BASE=$base" --build-arg "TORCH_VERSION=$torch" \
-      --build-arg TORCH_INDEX_URL=file:///torch-index \
+      --build-arg TORCH_INDEX_URL=file:///torch-index --build-arg GPU_PYTHON=gpu-python-base \
       -v "$PWD/$work/torch-index:/torch-index:ro" -v "$wheels:/wheels:ro" \
       -v "$PWD/$work/pip.conf:/etc/pip.conf:ro" -v "$ca:/etc/ssl/certs/build-host-ca.crt:ro" \
       --tag "$image" --tag "localhost/kubetune-${target}:local" . >&2

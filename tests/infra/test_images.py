@@ -79,9 +79,13 @@ def test_bases_are_build_args_whose_defaults_are_pinned_by_tag_and_digest():
     # the base ARGs come before the first FROM (global), and every FROM is one of them or an earlier stage
     first_from = TEXT.index("\nFROM ")
     assert TEXT.index("ARG PYTHON_BASE=") < first_from and TEXT.index("ARG CUDA_BASE=") < first_from
+    # GPU_PYTHON names the GPU interpreter's stage: python-build-standalone unless a local check overrides it
+    assert re.search(r"^ARG GPU_PYTHON=gpu-python$", TEXT[:first_from], flags=re.M)
+    assert STAGES["gpu-deps"][0] == "${GPU_PYTHON}" and "uv python install" in STAGES["gpu-python"][1]
     seen: list[str] = []
     for name, (base, _) in STAGES.items():
-        assert base in {f"${{{a}}}" for a in BASE_ARGS} or base in seen, f"stage {name}: FROM {base}"
+        allowed = {f"${{{a}}}" for a in BASE_ARGS} | {"${GPU_PYTHON}"}
+        assert base in allowed or base in seen, f"stage {name}: FROM {base}"
         seen.append(name)
     assert STAGES["gpu"][0] == "${CUDA_BASE}"
     assert STAGES["cpu"][0] == STAGES["mlflow"][0] == "${PYTHON_BASE}"
@@ -140,7 +144,7 @@ def test_requirements_come_from_pyproject_and_the_constraints():
 def test_code_is_a_layer_after_the_stack():
     """A code-only change rebuilds only the app stages: the deps stages copy nothing from src/, pipelines/ or
     components/, and the runtime copies the app's small prefix after the venv."""
-    for stage in ("spec", "cpu-deps", "gpu-deps", "mlflow-deps"):
+    for stage in ("spec", "cpu-deps", "gpu-python", "gpu-python-base", "gpu-deps", "mlflow-deps"):
         assert not re.search(r"^COPY (src|pipelines|components)\b", STAGES[stage][1], flags=re.M), stage
     for app, runtime in (("cpu-app", "cpu"), ("gpu-app", "gpu")):
         assert "--no-deps" in STAGES[app][1] and "--prefix=/opt/kubetune" in STAGES[app][1]
