@@ -15,7 +15,6 @@ TAG ?= $(shell git rev-parse --short HEAD)
 CPU_IMAGE = $(REGISTRY)/kubetune-cpu:$(TAG)
 GPU_IMAGE = $(REGISTRY)/kubetune-gpu:$(TAG)
 MLFLOW_IMAGE = $(REGISTRY)/kubetune-mlflow:$(TAG)
-CPU_IPEX_IMAGE = $(REGISTRY)/kubetune-cpu-ipex:$(TAG)
 # The torch pin, read from pyproject.toml (the single source of versions).
 TORCH_VERSION = $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 # Cloud Build runs as terraform's build service account and stages the source in the artifacts bucket.
@@ -41,7 +40,7 @@ OVERLAYS = $(notdir $(wildcard manifests/overlays/*))
 INFRA_VENV ?= .venv-infra
 HCL_VENV ?= .venv-infra-hcl2
 
-.PHONY: infra-tools infra-check constraints images images-ipex compile upload schedule render deploy \
+.PHONY: infra-tools infra-check constraints images compile upload schedule render deploy \
 	deploy-prereqs tf-apply credentials kfp-install secrets apply wait urls destroy
 
 # --- prerequisite checks: each missing piece is named with what to do -----------------------------------------
@@ -96,15 +95,15 @@ constraints: setup ## regenerate images/constraints.txt from the tested .venv (a
 	} > images/constraints.txt
 
 # --- images and the pipeline -----------------------------------------------------------------------------------
-images: ## build and push the CPU, GPU and MLflow images tagged TAG (Docker if an engine answers, else Cloud Build)
+images: ## build and push the CPU, GPU and MLflow images tagged TAG (targets of images/Dockerfile; Docker if an engine answers, else Cloud Build)
 	@missing=0; $(need_project) exit $$missing
 	@if [ -n "$$(git status --porcelain)" ] && [ "$(ALLOW_DIRTY)" != "yes" ]; then \
 	  echo "error: the working tree has uncommitted changes, so tag $(TAG) would not describe the images. Commit, or pass ALLOW_DIRTY=yes." >&2; exit 1; fi
 	@if docker info >/dev/null 2>&1; then \
 	  set -e; \
-	  docker build --file images/cpu/Dockerfile --build-arg TORCH_VERSION=$(TORCH_VERSION) --tag $(CPU_IMAGE) .; \
-	  docker build --file images/gpu/Dockerfile --build-arg TORCH_VERSION=$(TORCH_VERSION) --tag $(GPU_IMAGE) .; \
-	  docker build --file images/mlflow/Dockerfile --tag $(MLFLOW_IMAGE) .; \
+	  docker build --file images/Dockerfile --target cpu --build-arg TORCH_VERSION=$(TORCH_VERSION) --tag $(CPU_IMAGE) .; \
+	  docker build --file images/Dockerfile --target gpu --build-arg TORCH_VERSION=$(TORCH_VERSION) --tag $(GPU_IMAGE) .; \
+	  docker build --file images/Dockerfile --target mlflow --tag $(MLFLOW_IMAGE) .; \
 	  docker push $(CPU_IMAGE); docker push $(GPU_IMAGE); docker push $(MLFLOW_IMAGE); \
 	else \
 	  command -v gcloud >/dev/null 2>&1 || { echo "error: no Docker engine answers and gcloud is not installed: start Docker, or install the Google Cloud CLI to build with Cloud Build." >&2; exit 1; }; \
@@ -112,17 +111,6 @@ images: ## build and push the CPU, GPU and MLflow images tagged TAG (Docker if a
 	    --service-account projects/$(PROJECT_ID)/serviceAccounts/$(BUILD_SA) \
 	    --gcs-source-staging-dir gs://$(ARTIFACTS_BUCKET)/cloudbuild-source \
 	    --substitutions _REGISTRY=$(REGISTRY),_TAG=$(TAG),_TORCH_VERSION=$(TORCH_VERSION) . ; \
-	fi
-
-images-ipex: ## build and push the opt-in cpu-ipex image (torch 2.8 + IPEX 2.8, end-of-life; see docs/infrastructure.md)
-	@missing=0; $(need_project) exit $$missing
-	@if docker info >/dev/null 2>&1; then \
-	  set -e; docker build --file images/cpu-ipex/Dockerfile --tag $(CPU_IPEX_IMAGE) .; docker push $(CPU_IPEX_IMAGE); \
-	else \
-	  gcloud builds submit --project $(PROJECT_ID) --region $(REGION) --config images/cloudbuild-ipex.yaml \
-	    --service-account projects/$(PROJECT_ID)/serviceAccounts/$(BUILD_SA) \
-	    --gcs-source-staging-dir gs://$(ARTIFACTS_BUCKET)/cloudbuild-source \
-	    --substitutions _REGISTRY=$(REGISTRY),_TAG=$(TAG) . ; \
 	fi
 
 compile: setup ## compile the pipeline into build/sft_pipeline.yaml with the images of TAG and the checkpoint volume

@@ -71,7 +71,8 @@ def test_make_n_deploy_prints_the_full_sequence_in_order():
         "terraform -chdir=terraform/envs/dev init -input=false",
         "terraform -chdir=terraform/envs/dev apply -input=false",
         "gcloud container clusters get-credentials",
-        f"docker build --file images/cpu/Dockerfile --build-arg TORCH_VERSION=2.13.0 --tag {REG}/kubetune-cpu:{tag}",
+        "docker build --file images/Dockerfile --target cpu --build-arg TORCH_VERSION=2.13.0 "
+        f"--tag {REG}/kubetune-cpu:{tag}",
         f"docker push {REG}/kubetune-cpu:{tag}",
         "gcloud builds submit --project acme-ml --region us-central1 --config images/cloudbuild.yaml",
         "kubectl apply -k manifests/kfp/cluster-scoped",
@@ -124,14 +125,6 @@ DRY_RUN = {
             "--config images/cloudbuild.yaml",
             "--service-account projects/acme-ml/serviceAccounts/kubetune-build@acme-ml.iam.gserviceaccount.com",
             f"_REGISTRY={REG},_TAG=t1,_TORCH_VERSION=2.13.0",
-        ],
-    ),
-    "images-ipex": (
-        ["PROJECT_ID=acme-ml", "TAG=t1"],
-        [
-            "--file images/cpu-ipex/Dockerfile",
-            f"{REG}/kubetune-cpu-ipex:t1",
-            "--config images/cloudbuild-ipex.yaml",
         ],
     ),
     "compile": (

@@ -241,9 +241,10 @@ def _infra_env() -> dict[str, str]:
 
 def _image_user() -> set[str]:
     users = set()
+    dockerfile = (ROOT / "images" / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)\n(.*?)(?=^FROM\s|\Z)", dockerfile, flags=re.M | re.S))
     for flavour in ("cpu", "gpu"):
-        text = (ROOT / "images" / flavour / "Dockerfile").read_text()
-        users.add(re.findall(r"^USER\s+(\S+)", text, flags=re.M)[-1])
+        users.add(re.findall(r"^USER\s+(\S+)", stages[flavour], flags=re.M)[-1])
     assert len(users) == 1, f"the CPU and GPU images run as different users: {users}"
     return users
 
@@ -453,8 +454,8 @@ def test_make_compile_uses_the_images_make_images_builds_and_pushes(make_compile
 
     # Docker path: the Dockerfile each reference is built from, and the push.
     out = make("-n", "images", "PROJECT_ID=acme-ml", f"TAG={TAG}").stdout.replace("\\\n", " ")
-    built = dict(re.findall(r"docker build --file (\S+) .*?--tag (\S+)", out))
-    assert built["images/cpu/Dockerfile"] == cpu and built["images/gpu/Dockerfile"] == gpu
+    built = dict(re.findall(r"docker build --file images/Dockerfile --target (\S+) .*?--tag (\S+)", out))
+    assert built["cpu"] == cpu and built["gpu"] == gpu
     for ref in (cpu, gpu):
         assert f"docker push {ref}" in out
 
@@ -469,7 +470,8 @@ def test_make_compile_uses_the_images_make_images_builds_and_pushes(make_compile
     tags = {}
     for step in cloudbuild["steps"]:
         args = dict(a.split("=", 1) for a in step["args"] if a.startswith("--"))
-        tags[args["--file"]] = expand(args["--tag"])
-    assert tags["images/cpu/Dockerfile"] == cpu and tags["images/gpu/Dockerfile"] == gpu
+        assert args["--file"] == "images/Dockerfile"
+        tags[args["--target"]] = expand(args["--tag"])
+    assert tags["cpu"] == cpu and tags["gpu"] == gpu
     pushed = {expand(i) for i in cloudbuild["images"]}
     assert {cpu, gpu} <= pushed
