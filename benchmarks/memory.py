@@ -274,7 +274,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # glibc's malloc raises its mmap threshold after large frees, so later large tensors come from heaps it rarely
 # returns to the kernel; a fixed threshold keeps them on mmap (freed at once). The "+malloc" arms measure that.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# jemalloc as images/cpu/Dockerfile ran it (it is installed there, no longer preloaded)
+# jemalloc as the CPU image once preloaded it (images/Dockerfile, target cpu: installed there for an opt-in LD_PRELOAD)
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_ENV = {
     "LD_PRELOAD": JEMALLOC,

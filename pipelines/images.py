@@ -1,7 +1,7 @@
 """Which container image every step runs in: chosen once, at compile time.
 
-Two images, built from this tree (images/cpu, images/gpu) with kubetune and kfp installed: the CPU image runs
-every step except GPU training. The references are set when the pipeline is compiled
+Two images, built from this tree (images/Dockerfile, targets ``cpu`` and ``gpu``) with kubetune and kfp
+installed: the CPU image runs every step except GPU training. The references are set when the pipeline is compiled
 (``kubetune pipeline compile --cpu-image REF --gpu-image REF``, which ``make compile`` calls with the
 registry's references); the defaults below are local names for a cluster that loads images directly (kind,
 minikube). Nothing here reads the environment.

@@ -56,6 +56,7 @@ TIER_OF_FOLDER = {
     "reliability": "reliability",
     "infra": "infra",
     "bench": "bench",
+    "images": "images",
     "gpu": "gpu",
 }
 
