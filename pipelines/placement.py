@@ -38,6 +38,12 @@ POOLS: dict[str, dict[str, str]] = {
     "gpu": {"label_key": POOL_LABEL_KEY, "label_value": "gpu", "taint_effect": "NoSchedule"},
 }
 
+# Multi-node training (train_nodes > 1) runs as a Kubeflow Trainer TrainJob on the same pools. Each pool has one
+# kubetune ClusterTrainingRuntime (manifests/trainer), named here: CPU (C3, torch.distributed over gloo) and GPU
+# (NCCL). The TrainJob refers to it by name; a test checks that the manifests ship these names.
+TRAINING_RUNTIMES: dict[str, str] = {"cpu": "kubetune-torch-cpu", "gpu": "kubetune-torch-gpu"}
+TRAINJOB_CONTAINER = "node"  # the torch runtime's trainer container (replicated job "node")
+
 # The GPU the train-on-GPU task asks for. KFP turns the accelerator type into the container's resource limit
 # name (limits: {nvidia.com/gpu: 1}), so the type is the device plugin's resource name, not a GPU model: which
 # GPU (L4 by default) is the GPU pool's business, and the pool label already selects it.
