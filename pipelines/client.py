@@ -129,13 +129,17 @@ def _translate(host: str, what: str) -> Iterator[None]:
             raise KfpRefused(f"{host}: {what} refused: HTTP {status} {message}{_auth_hint(status)}") from None
         raise KfpUnavailable(f"{host}: {what} failed on the server: HTTP {status} {message}") from None
     except urllib3.exceptions.HTTPError as err:
-        reason = getattr(err, "reason", None) or err
-        raise KfpUnavailable(
-            f"{host}: {what}: cannot reach the KFP API ({_short(reason)}); check --host and "
-            "that the port-forward or ingress is up"
-        ) from None
+        raise _unreachable(f"{host}: {what}", err) from None
     except ValueError as err:  # kfp.Client's own checks, e.g. two pipelines with one name
         raise KfpRefused(f"{host}: {what}: {err}") from None
+
+
+def _unreachable(where: str, err: Exception) -> KfpUnavailable:
+    """``where: cannot reach the KFP API (why); check --host ...`` for a transport error (urllib3)."""
+    reason = getattr(err, "reason", None) or err
+    return KfpUnavailable(
+        f"{where}: cannot reach the KFP API ({_short(reason)}); check --host and that the port-forward or ingress is up"
+    )
 
 
 def _short(reason: Any) -> str:
@@ -167,11 +171,7 @@ def _preflight(host: str, token: str | None, timeout: float) -> None:
     try:
         response = http.request("GET", f"{host}/apis/v2beta1/healthz", headers=headers)
     except urllib3.exceptions.HTTPError as err:
-        reason = getattr(err, "reason", None) or err
-        raise KfpUnavailable(
-            f"{host}: cannot reach the KFP API ({_short(reason)}); check --host and that the "
-            "port-forward or ingress is up"
-        ) from None
+        raise _unreachable(host, err) from None
     status = response.status
     if status >= 400:
         message = _server_message(response.data)
@@ -301,22 +301,10 @@ def upload(
             namespace=conn.namespace,
         )
         first = _latest_version(conn, pipeline.pipeline_id, name)
-        return {
-            "action": "created",
-            "pipeline_id": pipeline.pipeline_id,
-            "version_id": first.pipeline_version_id,
-            "version": first.display_name,
-            "link": conn.link("pipeline", pipeline.pipeline_id, first.pipeline_version_id),
-        }
+        return _uploaded(conn, "created", pipeline.pipeline_id, first.pipeline_version_id, first.display_name)
     latest = _latest_version(conn, pipeline_id, name)
     if digest in (latest.description or ""):
-        return {
-            "action": "unchanged",
-            "pipeline_id": pipeline_id,
-            "version_id": latest.pipeline_version_id,
-            "version": latest.display_name,
-            "link": conn.link("pipeline", pipeline_id, latest.pipeline_version_id),
-        }
+        return _uploaded(conn, "unchanged", pipeline_id, latest.pipeline_version_id, latest.display_name)
     version = version or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{digest[:12]}"
     created = conn.call(
         f"upload a version of pipeline {name!r}",
@@ -326,12 +314,17 @@ def upload(
         pipeline_id=pipeline_id,
         description=description,
     )
+    return _uploaded(conn, "version-added", pipeline_id, created.pipeline_version_id, version)
+
+
+def _uploaded(conn: Connection, action: str, pipeline_id: str, version_id: str, version: str) -> dict[str, Any]:
+    """What :func:`upload` returns: the action taken and the pipeline version it left current, with its link."""
     return {
-        "action": "version-added",
+        "action": action,
         "pipeline_id": pipeline_id,
-        "version_id": created.pipeline_version_id,
+        "version_id": version_id,
         "version": version,
-        "link": conn.link("pipeline", pipeline_id, created.pipeline_version_id),
+        "link": conn.link("pipeline", pipeline_id, version_id),
     }
 
 
