@@ -4,7 +4,8 @@ The first signal asks the Trainer to save at the end of the current step and sto
 :class:`kubetune.errors.Preempted`, exit code 3, "preempted at step N"). A signal that comes while the model is still
 loading stops before training: nothing to save, the resume point is unchanged. If the step and the save cannot
 finish within ``train.preempt_grace_s`` a watchdog exits 3 at once and the newest periodic checkpoint is the resume
-point. A second signal exits at once.
+point. A second signal exits at once. Under torchrun a signal to any rank stops every rank: the flag is all-reduced at
+the end of every step (:func:`kubetune.distributed.any_rank`) and :meth:`Preemption.join` makes it this rank's too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class Preemption:
             signal.Signals(signum).name,
             self.grace_s,
         )
+        self._start_watchdog()
+
+    def join(self) -> None:
+        """Another rank was signalled: stop here at the same step, within the same grace."""
+        if not self.requested:
+            self.requested = True
+            log.warning("another rank was preempted: saving a checkpoint at the end of this step")
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
         threading.Thread(target=self._watchdog, name="kubetune-preempt-watchdog", daemon=True).start()
 
     def _watchdog(self):
