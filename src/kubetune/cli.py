@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import dag
-from kubetune.errors import EXIT_FAILURE, EXIT_OK, Preempted, UserError
+from kubetune.errors import EXIT_FAILURE, EXIT_OK, PeerLost, Preempted, UserError
 
 log = logging.getLogger("kubetune")
 
@@ -421,7 +421,7 @@ def _guard(fn) -> int:
         message = " ".join(str(err).splitlines())
         print(f"kubetune: error: {message}", file=sys.stderr, flush=True)
         return err.exit_code
-    except Preempted as err:
+    except (Preempted, PeerLost) as err:
         print(f"kubetune: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kubetune.errors import UserError
+from kubetune.errors import PeerLost, UserError
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,33 @@ def session(world: World, backend: str | None, timeout_s: float) -> Iterator[Non
         )
     try:
         yield
+    except RuntimeError as err:
+        if not _collective_failure(err):
+            raise
+        raise PeerLost(world.rank, world.world_size, _cause(err)) from err
     finally:
         if started and dist.is_initialized():
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # a group whose peer died may refuse to be torn down cleanly
+                dist.destroy_process_group()
+
+
+def _cause(err: RuntimeError) -> str:
+    """The backend's own words, first sentence, without the wrappers and the source location around them."""
+    import re
+
+    text = " ".join(str(err).split()).split("RuntimeError: ")[-1]
+    text = re.sub(r"^\[[^\]]*\] ", "", text)
+    return text.split(". ")[0][:160]
+
+
+def _collective_failure(err: RuntimeError) -> bool:
+    """Whether ``err`` comes from a collective whose peer is gone (torch's DistError, or gloo's and NCCL's own)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+    )
 
 
 def _broadcast(world: World, obj: Any) -> Any:
