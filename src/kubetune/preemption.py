@@ -31,8 +31,11 @@ class Preemption:
     comes first; the watchdog stands down then (a stage run in-process must not be killed after it returned).
     """
 
-    def __init__(self, grace_s: float):
+    def __init__(self, grace_s: float, *, stay: bool = False):
         self.grace_s = grace_s
+        # Under torchrun the agent sends SIGTERM to the ranks still running once one exits: a rank that was
+        # preempted keeps exiting 3 on it (``stay``) instead of dying of it on the way out.
+        self.stay = stay
         self.requested = False
         self.settled = threading.Event()
         self._old: dict[int, Any] = {}
@@ -77,5 +80,9 @@ class Preemption:
     def __exit__(self, *exc):
         self.settled.set()
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, _exit_preempted if self.stay and self.requested else old)
         self._old.clear()
+
+
+def _exit_preempted(signum, frame):
+    os._exit(EXIT_PREEMPTED)

@@ -77,7 +77,7 @@ def train(
     # The signal handler covers writing the output too: a SIGTERM that comes after the last step lets the adapter
     # folder be finished (within the grace) instead of killing the process half-way through it.
     with (
-        Preemption(cfg.train.preempt_grace_s) as preemption,
+        Preemption(cfg.train.preempt_grace_s, stay=world.distributed) as preemption,
         distributed.session(world, plan.choose_backend(cfg, hw, world).value, cfg.distributed.timeout_s),
         contextlib.ExitStack() as held,
     ):
