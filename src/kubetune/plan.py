@@ -108,10 +108,14 @@ def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int, world: Worl
     )
 
 
-# FSDP was tried on this stack (torch 2.13 CPU, gloo, accelerate 1.15, a PEFT LoRA model): see check_world.
+# Tried on this stack (torch 2.13 CPU, gloo, transformers 5.24 / accelerate 1.15, PEFT LoRA on a Llama): FSDP1 stops
+# at start ("no available devices found, must be one of 'XPU', 'CUDA', ..."); FSDP2 trains, but its sharded model and
+# optimizer states would each be written by every rank, which the sealed one-writer checkpoints, their resume on
+# another number of ranks and the CPU layer rewrites are not built for. So it is refused rather than half-supported.
 FSDP_REFUSED = (
-    "config key `distributed.strategy`: fsdp is not supported; use ddp (every rank holds the base model, only the "
-    "adapter's gradients are all-reduced)"
+    "config key `distributed.strategy`: fsdp is not supported (sharded checkpoints are not resumable by kubetune "
+    "yet); use ddp: every rank holds the base model (QLoRA's 4-bit base fits where bf16 does not) and only the "
+    "adapter's gradients are all-reduced"
 )
 
 

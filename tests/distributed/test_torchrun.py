@@ -13,6 +13,7 @@ import pytest
 
 from tests.reliability.procs import (
     PREEMPTED,
+    adapter_tensors,
     intact_steps,
     kubetune_lines,
     max_abs_diff,
@@ -162,3 +163,18 @@ def test_a_lost_rank_fails_the_job_within_the_timeout_and_the_restart_resumes(dw
     s = summary(d.out)
     assert s["resumed_from_step"] == newest and s["global_step"] == MAX_STEPS
     assert max_abs_diff(d.out, reference.out) <= TOLERANCE
+
+
+def test_qlora_under_ddp_reduces_only_the_adapter_and_matches_one_process(dws, tmp_path):
+    """The 4-bit base (bitsandbytes' CPU path) stays out of DDP: each rank holds its own quantised copy."""
+    qlora = ("--set", "method=qlora", "--set", "train.max_steps=8")
+    one, two = Dirs.under(tmp_path / "one"), Dirs.under(tmp_path / "two")
+    r1 = run(one_process(*dws.train_args(one.out, one.ckpt, *qlora)))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run(torchrun(*dws.train_args(two.out, two.ckpt, *qlora), nproc=2))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "4-bit linear modules" in r2.stderr
+    assert max_abs_diff(one.out, two.out) <= TOLERANCE
+    s = summary(two.out)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_tensors(two.out).values())
+    assert s["allreduce_bytes_per_step"] == adapter_bytes and s["world_size"] == 2
