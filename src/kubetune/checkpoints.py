@@ -232,6 +232,15 @@ def written_by(ckpt: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def take(held: contextlib.ExitStack, mode: str, ckpt_dir: Path, run_fp: str) -> Path | None:
+    """The writer's part: lock ``ckpt_dir`` for the rest of the stage (``held``), choose the resume point
+    (:func:`choose_resume`) and clear the last run's preemption record, as this run is the folder's now."""
+    held.enter_context(folder_lock(ckpt_dir))
+    resume_from = choose_resume(mode, ckpt_dir, run_fp)
+    clear_preempted(ckpt_dir)
+    return resume_from
+
+
 def resume_point(resume_from: Path | None) -> tuple[int | None, int]:
     """(step, tokens seen) recorded by the checkpoint we resume from; read now, as rotation may delete it later."""
     if resume_from is None:

@@ -324,3 +324,26 @@ def summary(world: World, backend: str | None, local: dict[str, Any], meter: Com
         "collective_seconds_per_step": sum(r["comm_seconds"] for r in every) / len(every) / steps,
         "allreduce_bytes_per_step": sum(r["comm_bytes"] for r in every) // len(every) // steps,
     }
+
+
+@dataclass
+class OutputView:
+    """What every rank knows of the stage's output folder; ``tmp`` (where it is written) only on the writer."""
+
+    up_to_date: bool
+    tmp: Any = None
+    counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getstate__(self):  # what the writer hands the other ranks: not its folder
+        return {"up_to_date": self.up_to_date, "tmp": None, "counts": {}}
+
+
+def take_output(world: World, held: contextlib.ExitStack, output: Callable[[], Any]) -> OutputView:
+    """The writer enters ``output()`` (:func:`kubetune.artifacts.stage_output`: the folder's lock and temporary
+    folder) for the rest of the stage (``held``); every rank learns whether it is up to date, or the refusal."""
+
+    def take() -> OutputView:
+        w = held.enter_context(output())
+        return OutputView(w.up_to_date, None if w.up_to_date else w.tmp, w.counts)
+
+    return on_writer(world, take)

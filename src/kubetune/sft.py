@@ -1,6 +1,7 @@
 """What the train stage hands SFTTrainer: the collator of packed rows, the token counter, the callbacks (progress,
 checkpoint sealing, the preemption stop, agreed between the ranks under torchrun) and the trainer class that credits
-each batch's tokens, times DDP's gradient all-reduce and restores per-rank RNG states only where they fit."""
+each batch's tokens, times DDP's gradient all-reduce and restores per-rank RNG states only where they fit; and the
+SFTConfig built from the config and the plan."""
 
 from __future__ import annotations
 
@@ -210,3 +211,49 @@ def trainer_class():
             super()._load_rng_state(checkpoint)
 
     return _Trainer
+
+
+def sft_config(cfg, the_plan, ckpt_dir: Path):
+    """TRL's SFTConfig: the optimisation from the config, the execution from the plan."""
+    from trl import SFTConfig
+
+    t, precision, micro = cfg.train, the_plan.precision.value, the_plan.micro_batch_size.value
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        # The data loader yields the global pass (micro rows x ranks) in the one-process order and each rank takes
+        # its slice (accelerate's split_batches): N ranks train on the same rows per step as one process.
+        per_device_train_batch_size=micro * the_plan.world.world_size,
+        accelerator_config={"split_batches": True},
+        gradient_accumulation_steps=the_plan.grad_accum_steps,
+        ddp_backend=distributed.accelerate_backend(the_plan),
+        ddp_timeout=int(cfg.distributed.timeout_s),
+        ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient each pass
+        ddp_broadcast_buffers=False,  # buffers (rotary tables) are computed alike on every rank
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=the_plan.device != "cuda",
+        activation_checkpointing=bool(the_plan.activation_checkpointing.value),
+        optim=the_plan.optim.value,
+        torch_compile=t.compile,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False,
+        max_length=None,
+    )

@@ -84,48 +84,20 @@ def train(
         output = functools.partial(
             artifacts.stage_output, out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
         )
-        writer = distributed.on_writer(world, lambda: _take(held, output))
+        writer = distributed.take_output(world, held, output)
         if writer.up_to_date:
             return out
         rows = _train_rows(packed)
         resolved, model_config = _base_model(cfg)
         checkpoints.check_resume(cfg.train.resume, ckpt_dir, run_fp)
         the_plan = plan.make(cfg, hw, model_config, _row_len(rows), world)
-        resume_from = distributed.on_writer(world, lambda: _take_checkpoints(held, cfg, ckpt_dir, run_fp))
-        run = _Run(the_plan, packed, rows, resolved, ckpt_dir, run_fp, hw, resume_from)
-        summary = _train_into(cfg, run, writer.tmp, preemption)
+        run = _Run(the_plan, packed, rows, resolved, ckpt_dir, run_fp, hw)
+        take_checkpoints = functools.partial(checkpoints.take, held, cfg.train.resume, ckpt_dir, run_fp)
+        summary = _train_into(cfg, run, writer.tmp, preemption, take_checkpoints)
         writer.counts.update({k: summary[k] for k in ("global_step", "tokens_seen", "train_tokens_per_second")})
     if world.is_writer:
         _log_summary(out, summary)
     return out
-
-
-@dataclasses.dataclass
-class _Output:
-    """What every rank knows of the output folder; ``tmp`` (where the adapter is written) only on the writer."""
-
-    up_to_date: bool
-    tmp: Path | None = None
-    counts: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __getstate__(self):  # what the writer hands the other ranks: not its folder
-        return {"up_to_date": self.up_to_date, "tmp": None, "counts": {}}
-
-
-def _take(held: contextlib.ExitStack, output) -> _Output:
-    """The output folder, taken by the writer for the rest of the stage (its lock, its temporary folder)."""
-    w = held.enter_context(output())
-    view = _Output(w.up_to_date, None if w.up_to_date else w.tmp)
-    view.counts = w.counts
-    return view
-
-
-def _take_checkpoints(held: contextlib.ExitStack, cfg: Config, ckpt_dir: Path, run_fp: str) -> Path | None:
-    """The checkpoint folder, locked by the writer for the rest of the stage; the checkpoint to resume from."""
-    held.enter_context(checkpoints.folder_lock(ckpt_dir))
-    resume_from = checkpoints.choose_resume(cfg.train.resume, ckpt_dir, run_fp)
-    checkpoints.clear_preempted(ckpt_dir)  # this run is the folder's now
-    return resume_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,23 +111,24 @@ class _Run:
     ckpt_dir: Path
     fingerprint: str
     hw: hardware.Hardware
-    resume_from: Path | None
 
 
-def _train_into(cfg: Config, run: _Run, dest: Path | None, preemption: Preemption) -> dict[str, Any]:
+def _train_into(cfg: Config, run: _Run, dest: Path | None, preemption: Preemption, take_checkpoints) -> dict[str, Any]:
     import torch
 
     for line in str(run.plan).splitlines():
         log.info("auto setting %s", line)
-    world, resume_from = run.plan.world, run.resume_from
+    world = run.plan.world
     with cpu.kernels(run.plan) as kernels:
         _stop_if_preempted(world, preemption, None)
         with kernels.loading():
             model, tokenizer = _load(cfg, run.plan, run.packed, run.resolved)
+        # The model fits the config (inputs checked): the writer takes the checkpoint folder and says where to resume.
+        resume_from = distributed.on_writer(world, take_checkpoints)
         resumed_step, tokens_before = checkpoints.resume_point(resume_from)
         counter = sft.TokenCounter()
         summary: dict[str, Any] = {"loss_curve": [], "method": cfg.method, "resumed_from_step": resumed_step}
-        args = _sft_config(cfg, run.plan, run.ckpt_dir)
+        args = sft.sft_config(cfg, run.plan, run.ckpt_dir)
         torch.set_num_threads(run.plan.threads.value)  # after accelerate, which sets its own for CPU ranks
         trainer = sft.trainer_class()(
             model=model,
@@ -246,52 +219,6 @@ def _load(cfg: Config, the_plan: plan.Plan, packed: Path, resolved: models.Resol
     model.config.use_cache = False  # packed rows stay isolated only without the KV cache
     adapters.check_target_modules(cfg, model)
     return model, tokenizer
-
-
-def _sft_config(cfg: Config, the_plan: plan.Plan, ckpt_dir: Path):
-    """TRL's SFTConfig: the optimisation from the config, the execution from the plan."""
-    from trl import SFTConfig
-
-    t, precision, micro = cfg.train, the_plan.precision.value, the_plan.micro_batch_size.value
-    return SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        # The data loader yields the global pass (micro rows x ranks) in the one-process order and each rank takes
-        # its slice (accelerate's split_batches): N ranks train on the same rows per step as one process.
-        per_device_train_batch_size=micro * the_plan.world.world_size,
-        accelerator_config={"split_batches": True},
-        gradient_accumulation_steps=the_plan.grad_accum_steps,
-        ddp_backend=distributed.accelerate_backend(the_plan),
-        ddp_timeout=int(cfg.distributed.timeout_s),
-        ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient each pass
-        ddp_broadcast_buffers=False,  # buffers (rotary tables) are computed alike on every rank
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=the_plan.device != "cuda",
-        activation_checkpointing=bool(the_plan.activation_checkpointing.value),
-        optim=the_plan.optim.value,
-        torch_compile=t.compile,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        packing=False,
-        max_length=None,
-    )
 
 
 def _log_start(trainer, ckpt_dir: Path, resume_from: Path | None, resumed_step: int | None) -> None:
