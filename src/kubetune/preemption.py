@@ -34,7 +34,8 @@ class Preemption:
     def __init__(self, grace_s: float, *, stay: bool = False):
         self.grace_s = grace_s
         # Under torchrun the agent sends SIGTERM to the ranks still running once one exits: a rank that was
-        # preempted keeps exiting 3 on it (``stay``) instead of dying of it on the way out.
+        # preempted ignores it from the end of the stage on (``stay``) and exits 3, instead of dying of it on the way
+        # out (a Python handler would not do: the interpreter drops those while it shuts down).
         self.stay = stay
         self.requested = False
         self.settled = threading.Event()
@@ -80,9 +81,5 @@ class Preemption:
     def __exit__(self, *exc):
         self.settled.set()
         for sig, old in self._old.items():
-            signal.signal(sig, _exit_preempted if self.stay and self.requested else old)
+            signal.signal(sig, signal.SIG_IGN if self.stay and self.requested else old)
         self._old.clear()
-
-
-def _exit_preempted(signum, frame):
-    os._exit(EXIT_PREEMPTED)
