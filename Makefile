@@ -60,7 +60,7 @@ run: setup quickstart-model ## fine-tune SmolLM2-135M on the quickstart data end
 	$(KUBETUNE) run --config $(QUICKSTART_CONFIG) $(addprefix --set ,$(SET))
 
 # Tiers, cheapest first (markers come from each test's folder: tests/conftest.py). `make test` runs them all.
-HERMETIC := not slow and not integration and not reliability and not infra and not bench and not images and not gpu
+HERMETIC := not slow and not integration and not reliability and not infra and not bench and not images and not gpu and not distributed
 
 test-unit: setup ## hermetic tier: no server, no subprocess training, no image (about 2 minutes on 2 cores)
 	$(VENV)/bin/pytest -m "$(HERMETIC)" $(PYTEST_ARGS)

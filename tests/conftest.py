@@ -58,7 +58,15 @@ TIER_OF_FOLDER = {
     "bench": "bench",
     "images": "images",
     "gpu": "gpu",
+    "distributed": "distributed",
 }
+
+
+def pytest_configure(config):
+    # (pyproject.toml declares the other tiers' markers.)
+    config.addinivalue_line(
+        "markers", "distributed: `kubetune train` under a real torchrun, gloo on CPU (tests/distributed)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,13 @@ newest checkpoint whose marker and files check out: a checkpoint cut off while b
 afterwards (a file missing, truncated or changed), is removed and never loaded; an older intact one is used instead.
 The folder records the run's fingerprint (``kubetune-run.json``) and refuses checkpoints of another run. One process
 trains into a checkpoint folder at a time (:func:`folder_lock`: an ``flock`` next to it, released when the process
-dies, even by ``kill -9``).
+dies, even by ``kill -9``). Under torchrun only the writer (rank 0) takes the lock, chooses the resume point and
+seals, after every rank has written its part of the checkpoint (its ``rng_state_<rank>.pth``).
+
+A run stopped by SIGTERM leaves ``kubetune-preempted.json`` in the folder (:func:`write_preempted`: step, checkpoint,
+world size, time), written atomically once its checkpoint is sealed: a supervisor that sees only an exit code (torchrun
+exits 1 whenever a worker exits non-zero, 3 included) reads it to tell a preemption from a failure. The next run that
+takes the folder removes it (:func:`clear_preempted`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "kubetune-complete.json"
 FINGERPRINT_FILE = "kubetune-run.json"
+PREEMPTED_FILE = "kubetune-preempted.json"
 
 
 def _step_of(path: Path) -> int:
@@ -44,11 +51,12 @@ def _read_marker(ckpt: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def mark_complete(ckpt: Path, *, step: int, run_fp: str, tokens_seen: int) -> None:
+def mark_complete(ckpt: Path, *, step: int, run_fp: str, tokens_seen: int, world_size: int = 1) -> None:
     """Seal a checkpoint the Trainer has finished writing: fsync its files, then write the marker atomically.
 
     The marker lists every file with its size and sha256, so that a checkpoint damaged after it was sealed (a
-    truncated copy, a half-finished rotation) is caught by :func:`checkpoint_problem` before it is loaded.
+    truncated copy, a half-finished rotation) is caught by :func:`checkpoint_problem` before it is loaded, and the
+    number of ranks that wrote it (a resume on another number restores no per-rank RNG state).
     """
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(ckpt.rglob("*")):
@@ -57,7 +65,7 @@ def mark_complete(ckpt: Path, *, step: int, run_fp: str, tokens_seen: int) -> No
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
         files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "sha256": artifacts.file_digest(p)}
-    marker = {"step": step, "fingerprint": run_fp, "tokens_seen": tokens_seen, "files": files}
+    marker = {"step": step, "fingerprint": run_fp, "tokens_seen": tokens_seen, "world_size": world_size, "files": files}
     artifacts.write_json_atomic(ckpt / COMPLETE_MARKER, marker)
 
 
@@ -193,6 +201,44 @@ def folder_lock(ckpt_dir: Path):
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+def write_preempted(ckpt_dir: Path, *, step: int, checkpoint: Path, world_size: int) -> Path:
+    """Record, atomically, that the run stopped for a preemption with ``checkpoint`` sealed (see the module doc)."""
+    import time
+
+    path = ckpt_dir / PREEMPTED_FILE
+    artifacts.write_json_atomic(
+        path,
+        {
+            "step": step,
+            "checkpoint": str(checkpoint),
+            "world_size": world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    return path
+
+
+def clear_preempted(ckpt_dir: Path) -> None:
+    """A new run took the folder: the record of the last one's preemption no longer describes it."""
+    with contextlib.suppress(FileNotFoundError):
+        (ckpt_dir / PREEMPTED_FILE).unlink()
+
+
+def written_by(ckpt: Path) -> int | None:
+    """How many ranks wrote ``ckpt`` (None: a marker from before kubetune recorded it; one process wrote those)."""
+    value = (_read_marker(ckpt) or {}).get("world_size")
+    return value if isinstance(value, int) else None
+
+
+def take(held: contextlib.ExitStack, mode: str, ckpt_dir: Path, run_fp: str) -> Path | None:
+    """The writer's part: lock ``ckpt_dir`` for the rest of the stage (``held``), choose the resume point
+    (:func:`choose_resume`) and clear the last run's preemption record, as this run is the folder's now."""
+    held.enter_context(folder_lock(ckpt_dir))
+    resume_from = choose_resume(mode, ckpt_dir, run_fp)
+    clear_preempted(ckpt_dir)
+    return resume_from
 
 
 def resume_point(resume_from: Path | None) -> tuple[int | None, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import dag
-from kubetune.errors import EXIT_FAILURE, EXIT_OK, Preempted, UserError
+from kubetune.errors import EXIT_FAILURE, EXIT_OK, PeerLost, Preempted, UserError
 
 log = logging.getLogger("kubetune")
 
@@ -147,9 +147,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     stage = dag.BY_NAME[args.command]
     inputs = {name: _dir(cfg, getattr(args, dag.BY_NAME[name].dest), name) for name in stage.inputs}
+    world = _world(stage.name)
     hw = machine() if stage.name == "train" else None
-    out = dag.run(stage, cfg, inputs, _dir(cfg, args.out, stage.name), overwrite=args.overwrite, hw=hw)
-    _print(f"{args.command}: done -> {out}")
+    out = dag.run(stage, cfg, inputs, _dir(cfg, args.out, stage.name), overwrite=args.overwrite, hw=hw, world=world)
+    if world.is_writer:  # under torchrun the other ranks wrote nothing to point at
+        _print(f"{args.command}: done -> {out}")
     return EXIT_OK
 
 
@@ -160,8 +162,22 @@ def machine():
     return hardware.detect(**hardware.overrides(os.environ))
 
 
+def _world(command: str):
+    """This process's rank under torchrun, read here, once. Only `kubetune train` runs on several processes."""
+    from kubetune.distributed import World
+
+    world = World.from_env(os.environ)
+    if world.distributed and command != "train":
+        raise UserError(
+            f"kubetune {command}: runs as one process, not under torchrun (WORLD_SIZE={world.world_size}); "
+            "start only `kubetune train` with torchrun"
+        )
+    return world
+
+
 def run_all(cfg, *, overwrite: bool = False) -> dict[str, Path]:
     """Every stage in order under ``cfg.output_dir`` (register only with tracking on); returns the output folders."""
+    _world("run")
     d = dag.folders(cfg.output_dir)
     for k, stage in enumerate(dag.STAGES, 1):
         if not dag.runs(cfg, stage):
@@ -405,7 +421,7 @@ def _guard(fn) -> int:
         message = " ".join(str(err).splitlines())
         print(f"kubetune: error: {message}", file=sys.stderr, flush=True)
         return err.exit_code
-    except Preempted as err:
+    except (Preempted, PeerLost) as err:
         print(f"kubetune: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """Typed, frozen configuration loaded from YAML, validated on load.
 
 A config file is a YAML mapping whose sections mirror the dataclasses below (``model``, ``data``, ``pack``,
-``lora``, ``quant``, ``train``, ``eval``, ``tracking``) plus the top-level keys ``method`` and ``output_dir``.
+``lora``, ``quant``, ``train``, ``cpu``, ``distributed``, ``eval``, ``tracking``) plus the top-level keys ``method``
+and ``output_dir``.
 Every key has a default, so an empty file is a valid config (it still needs ``model.name_or_path`` and
 ``data.path`` before a stage can run). Overrides use dotted keys: ``--set lora.r=8 --set method=qlora``; the value
 is parsed as YAML (``lora.target_modules=[q_proj,v_proj]``).
@@ -157,7 +158,14 @@ class TrainConfig:
 
     max_steps: int = _f(-1, "Optimizer steps; -1 trains for `epochs`.", minimum=-1)
     epochs: float = _f(1.0, "Epochs over the packed rows when `max_steps` is -1.", minimum=0.0, exclusive_min=True)
-    batch_size: int = _f(4, "Packed rows per device per step.", minimum=1, maximum=1 << 20)
+    batch_size: int = _f(
+        4,
+        "Packed rows per step over all processes (the global batch): under torchrun each of N ranks takes "
+        "batch_size / N of them, so it must be a multiple of the world size. The optimizer steps once per "
+        "`batch_size` x `grad_accum` rows, whatever the number of ranks.",
+        minimum=1,
+        maximum=1 << 20,
+    )
     micro_batch_size: int = _f(
         0,
         "Rows per forward/backward pass; `batch_size` must be a multiple. 0 picks: 1 on CPU (activations stay "
@@ -244,6 +252,32 @@ class CpuConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """`kubetune train` under torchrun (torch.distributed); ignored by a single process."""
+
+    backend: str = _f(
+        "auto",
+        "Collective backend. `auto`: `gloo` on CPU, `nccl` on CUDA. `ccl` (Intel oneCCL) needs the "
+        "`oneccl_bindings_for_pytorch` package, which has no release for the pinned torch on PyPI; asking for it "
+        "without the package is an error.",
+        choices=("auto", "gloo", "nccl", "ccl"),
+    )
+    timeout_s: float = _f(
+        600.0,
+        "Seconds any collective (gradient all-reduce, barrier, the start-up handshake) may wait for the other "
+        "ranks before the job fails: a rank that died or a lost node ends the job within this time instead of "
+        "hanging it. Keep it above the longest the writer works alone (sealing a checkpoint).",
+        minimum=10.0,
+    )
+    strategy: str = _f(
+        "ddp",
+        "`ddp`: every rank holds the whole model and only the adapter's gradients are all-reduced. `fsdp` "
+        "(shard the base model over the ranks) is refused: see the README's multi-process section.",
+        choices=("ddp", "fsdp"),
+    )
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation of base vs adapter."""
 
@@ -284,6 +318,9 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig, metadata={"doc": "QLoRA quantisation."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training."})
     cpu: CpuConfig = field(default_factory=CpuConfig, metadata={"doc": "CPU kernels for training."})
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig, metadata={"doc": "Training on several processes (torchrun)."}
+    )
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"doc": "MLflow."})
     method: str = _f(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kubetune.config import Config
+    from kubetune.distributed import World
     from kubetune.hardware import Hardware
 
 
@@ -80,9 +81,11 @@ def run(
     *,
     overwrite: bool = False,
     hw: Hardware | None = None,
+    world: World | None = None,
 ) -> Path:
     """Run ``stage`` on the outputs of its :attr:`~Stage.inputs` (``inputs``: stage name -> folder) into ``out``;
-    returns ``out``. ``hw``: the machine's facts for the train stage (default: detected there)."""
+    returns ``out``. ``hw``: the machine's facts for the train stage (default: detected there); ``world``: its
+    rank under torchrun (default: one process)."""
     missing = [name for name in stage.inputs if name not in inputs]
     if missing:
         raise TypeError(f"stage {stage.name} needs the outputs of {', '.join(missing)}")  # programming error
@@ -98,7 +101,7 @@ def run(
     if stage.name == "train":
         from kubetune.train import train
 
-        return train(cfg, i["pack"], out, overwrite=overwrite, hw=hw)
+        return train(cfg, i["pack"], out, overwrite=overwrite, hw=hw, world=world)
     if stage.name == "evaluate":
         from kubetune.evaluation import evaluate
 

@@ -31,3 +31,17 @@ class Preempted(Exception):
         self.checkpoint = checkpoint
         where = f", checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"preempted at step {step}{where}; run the same command again to resume")
+
+
+class PeerLost(Exception):
+    """Under torchrun, a collective failed: another rank died (``kill -9``, OOM) or its node was lost, or it did not
+    answer within ``distributed.timeout_s``. Nothing was sealed after the last complete checkpoint."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, rank: int, world_size: int, cause: str):
+        super().__init__(
+            f"rank {rank} of {world_size} lost contact with another rank ({cause}): a rank died, its node was lost or "
+            "it did not answer within distributed.timeout_s (torchrun's report names the rank that failed first); "
+            "run the same command again to resume from the newest sealed checkpoint"
+        )

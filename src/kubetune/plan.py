@@ -2,9 +2,11 @@
 
 :func:`make` returns a frozen :class:`Plan` with one :class:`~kubetune.hardware.Decision` (value and reason) per
 setting: precision, threads, rows per pass, activation checkpointing, optimizer, LM head, LoRA dropout sampler, lean
-layers, split GEMMs and allocator. It reads its arguments: a :class:`~kubetune.hardware.Hardware`
-(:func:`kubetune.hardware.detect` on the machine, or written by hand for any other), the config, the model's config
-and the packed row length; and, for the allocator, which malloc this process runs on. So a plan can be checked
+layers, split GEMMs, allocator and the collective backend. It reads its arguments: a
+:class:`~kubetune.hardware.Hardware` (:func:`kubetune.hardware.detect` on the machine, or written by hand for any
+other), the config, the model's config, the packed row length and the :class:`~kubetune.distributed.World` (this
+process's rank among the torchrun workers; one process by default); and, for the allocator, which malloc this
+process runs on. So a plan can be checked
 without a model or a Trainer. The stage logs it, records it in
 ``training_summary.json`` (``settings``) and builds ``SFTConfig`` from it.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from kubetune.config import Config
 from kubetune.cpu import allocator
+from kubetune.distributed import CCL_MODULE, World
 from kubetune.errors import UserError
 from kubetune.hardware import Decision, Hardware
 
@@ -29,6 +32,7 @@ class Plan:
     """One decision per setting, for training on ``device``; ``str(plan)`` is one line per setting, as logged."""
 
     device: str  # "cpu" or "cuda": the machine's, not a choice
+    world: World  # the ranks, from torchrun's environment: not a choice either
     precision: Decision
     threads: Decision
     micro_batch_size: Decision
@@ -39,9 +43,22 @@ class Plan:
     lean_layers: Decision
     split_gemms: Decision
     allocator: Decision
+    backend: Decision
+    batch_size: int = 1  # train.batch_size: the global batch
+    grad_accum: int = 1  # train.grad_accum
 
     def settings(self) -> dict[str, Decision]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "Decision"}
+
+    @property
+    def rows_per_rank(self) -> int:
+        """Rows of each step's global batch (``train.batch_size``) that this rank trains on."""
+        return self.batch_size // self.world.world_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Passes per optimizer step on each rank: ``train.grad_accum`` x rows per rank / rows per pass."""
+        return self.grad_accum * (self.rows_per_rank // self.micro_batch_size.value)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """``{setting: {"value", "reason"}}``, as ``training_summary.json`` records it."""
@@ -51,9 +68,12 @@ class Plan:
         return "\n".join(f"{k} = {d.value} ({d.reason})" for k, d in self.settings().items())
 
 
-def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int) -> Plan:
-    """The plan for training ``cfg`` on ``hw``: ``model_config`` is the base model's (transformers) config, used for
-    the memory estimates; ``row_len`` the longest packed row."""
+def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int, world: World | None = None) -> Plan:
+    """The plan for training ``cfg`` on ``hw`` as one rank of ``world`` (default: a single process):
+    ``model_config`` is the base model's (transformers) config, used for the memory estimates; ``row_len`` the
+    longest packed row. Raises UserError for a config that cannot run on this world (see :func:`check_world`)."""
+    world = world or World()
+    check_world(cfg, hw, world)
     precision = choose_precision(hw, cfg.train.precision)
     if cfg.method == "qlora" and hw.device == "cpu" and precision.value == "fp16":
         raise UserError("config key `train.precision`: fp16 training needs a GPU; use fp32 or bf16 on CPU")
@@ -65,14 +85,15 @@ def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int) -> Plan:
     est_params = n_params or (12 * layers * h * h + vocab * h)
     weight_bytes = int(est_params * (0.55 if cfg.method == "qlora" else bytes_per))
     per_row = _activation_bytes(model_config, 1, row_len, bytes_per)  # linear in the rows per pass
-    micro = choose_micro_batch(cfg, hw, activation_bytes_per_row=per_row, weight_bytes=weight_bytes)
+    micro = choose_micro_batch(cfg, hw, activation_bytes_per_row=per_row, weight_bytes=weight_bytes, world=world)
     ac = choose_activation_checkpointing(
         hw, cfg.train.activation_checkpointing, activation_bytes=micro.value * per_row, weight_bytes=weight_bytes
     )
     return Plan(
         device=hw.device,
+        world=world,
         precision=precision,
-        threads=choose_threads(hw, cfg.train.threads),
+        threads=choose_threads(hw, cfg.train.threads, world),
         micro_batch_size=micro,
         activation_checkpointing=ac,
         optim=choose_optim(cfg),
@@ -81,6 +102,65 @@ def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int) -> Plan:
         lean_layers=choose_lean_layers(cfg, hw),
         split_gemms=choose_split_gemms(cfg, hw),
         allocator=allocator.decide(hw),
+        backend=choose_backend(cfg, hw, world),
+        batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+    )
+
+
+# Tried on this stack (torch 2.13 CPU, gloo, transformers 5.24 / accelerate 1.15, PEFT LoRA on a Llama): FSDP1 stops
+# at start ("no available devices found, must be one of 'XPU', 'CUDA', ..."); FSDP2 trains, but its sharded model and
+# optimizer states would each be written by every rank, which the sealed one-writer checkpoints, their resume on
+# another number of ranks and the CPU layer rewrites are not built for. So it is refused rather than half-supported.
+FSDP_REFUSED = (
+    "config key `distributed.strategy`: fsdp is not supported (sharded checkpoints are not resumable by kubetune "
+    "yet); use ddp: every rank holds the base model (QLoRA's 4-bit base fits where bf16 does not) and only the "
+    "adapter's gradients are all-reduced"
+)
+
+
+def check_world(cfg: Config, hw: Hardware, world: World) -> None:
+    """The combinations that cannot run, refused with one line naming the key: a global batch that does not split
+    over the ranks, FSDP, a backend that does not fit the device or is not installed."""
+    if cfg.distributed.strategy == "fsdp":
+        raise UserError(FSDP_REFUSED)
+    n, b = world.world_size, cfg.train.batch_size
+    if b % n:
+        lower, upper = (b // n) * n, (b // n + 1) * n
+        valid = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UserError(
+            f"config key `train.batch_size`: {b} rows (the global batch) do not split over {n} ranks; use a "
+            f"multiple of {n}, e.g. {valid}"
+        )
+    micro = cfg.train.micro_batch_size
+    if micro and (b // n) % micro:
+        raise UserError(
+            f"config key `train.micro_batch_size`: {micro} does not divide the {b // n} rows each of {n} ranks "
+            f"trains on per step (train.batch_size {b} / {n}); use a divisor of {b // n}, or 0 to choose"
+        )
+    requested = cfg.distributed.backend
+    if not world.distributed:
+        return
+    if requested == "nccl" and hw.device != "cuda":
+        raise UserError("config key `distributed.backend`: nccl needs CUDA devices; use gloo (or auto) on CPU")
+    if requested == "ccl" and not world.ccl_available:
+        raise UserError(
+            f"config key `distributed.backend`: ccl needs the `{CCL_MODULE}` package, which is not installed (PyPI "
+            "has no release of it for the pinned torch 2.13); use gloo (or auto)"
+        )
+
+
+def choose_backend(cfg: Config, hw: Hardware, world: World) -> Decision:
+    """The torch.distributed backend: none for one process, else the config's or gloo on CPU, nccl on CUDA."""
+    if not world.distributed:
+        return Decision(None, "one process (no WORLD_SIZE from torchrun): no collectives")
+    if cfg.distributed.backend != "auto":
+        return Decision(cfg.distributed.backend, f"set in config (distributed.backend), {world.world_size} ranks")
+    if hw.device == "cuda":
+        return Decision("nccl", f"{world.world_size} ranks on CUDA devices: NCCL")
+    return Decision(
+        "gloo",
+        f"{world.world_size} ranks on CPU: gloo (oneCCL only when asked for, with {CCL_MODULE} installed)",
     )
 
 
@@ -109,9 +189,17 @@ def choose_precision(hw: Hardware, requested: str = "auto") -> Decision:
     return Decision("fp32", f"CPU has AVX512-BF16, no AMX; bf16 matmuls measured no faster ({measured})")
 
 
-def choose_threads(hw: Hardware, requested: int = 0) -> Decision:
+def choose_threads(hw: Hardware, requested: int = 0, world: World | None = None) -> Decision:
     if requested:
         return Decision(requested, "set in config (train.threads)")
+    ranks = (world or World()).local_world_size
+    if ranks > 1:
+        share = max(1, hw.cores // ranks)
+        return Decision(
+            share,
+            f"cores this process may use (affinity and cgroup quota: {hw.cores}) shared by the {ranks} ranks on "
+            "this node",
+        )
     return Decision(hw.cores, "cores this process may use (affinity and cgroup quota)")
 
 
@@ -240,15 +328,22 @@ def choose_split_gemms(cfg: Config, hw: Hardware) -> Decision:
 CPU_ROWS_PER_PASS = 2
 
 
-def choose_micro_batch(cfg: Config, hw: Hardware, *, activation_bytes_per_row: int, weight_bytes: int) -> Decision:
-    """Rows per forward/backward pass. Gradient accumulation keeps the optimizer step over ``batch_size`` rows."""
+def choose_micro_batch(
+    cfg: Config, hw: Hardware, *, activation_bytes_per_row: int, weight_bytes: int, world: World | None = None
+) -> Decision:
+    """Rows per forward/backward pass on each rank. Gradient accumulation keeps the optimizer step over
+    ``batch_size`` rows (over all ranks)."""
+    world = world or World()
     if cfg.train.micro_batch_size:
         return Decision(cfg.train.micro_batch_size, "set in config (train.micro_batch_size)")
+    share = cfg.train.batch_size // world.world_size
+    of = f"this rank's {share} of train.batch_size {cfg.train.batch_size}" if world.distributed else ""
     if hw.device != "cpu":
-        return Decision(cfg.train.batch_size, "GPU: the whole batch in one pass keeps the device busy")
+        return Decision(share, f"GPU: the whole batch{' (' + of + ')' if of else ''} in one pass keeps the device busy")
     rows = CPU_ROWS_PER_PASS
-    if cfg.train.batch_size % rows:
-        return Decision(1, f"CPU: one packed row per pass (train.batch_size {cfg.train.batch_size} is odd)")
+    if share % rows:
+        what = of if of else f"train.batch_size {cfg.train.batch_size}"
+        return Decision(1, f"CPU: one packed row per pass ({what} is odd)")
     need = weight_bytes + rows * activation_bytes_per_row
     fits, available = fits_in_memory(hw, need)
     gib = 1 << 30

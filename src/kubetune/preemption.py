@@ -4,7 +4,8 @@ The first signal asks the Trainer to save at the end of the current step and sto
 :class:`kubetune.errors.Preempted`, exit code 3, "preempted at step N"). A signal that comes while the model is still
 loading stops before training: nothing to save, the resume point is unchanged. If the step and the save cannot
 finish within ``train.preempt_grace_s`` a watchdog exits 3 at once and the newest periodic checkpoint is the resume
-point. A second signal exits at once.
+point. A second signal exits at once. Under torchrun a signal to any rank stops every rank: the flag is all-reduced at
+the end of every step (:func:`kubetune.distributed.any_rank`) and :meth:`Preemption.join` makes it this rank's too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class Preemption:
     comes first; the watchdog stands down then (a stage run in-process must not be killed after it returned).
     """
 
-    def __init__(self, grace_s: float):
+    def __init__(self, grace_s: float, *, stay: bool = False):
         self.grace_s = grace_s
+        # Under torchrun the agent sends SIGTERM to the ranks still running once one exits: a rank that was
+        # preempted ignores it from the end of the stage on (``stay``) and exits 3, instead of dying of it on the way
+        # out (a Python handler would not do: the interpreter drops those while it shuts down).
+        self.stay = stay
         self.requested = False
         self.settled = threading.Event()
         self._old: dict[int, Any] = {}
@@ -45,6 +50,16 @@ class Preemption:
             signal.Signals(signum).name,
             self.grace_s,
         )
+        self._start_watchdog()
+
+    def join(self) -> None:
+        """Another rank was signalled: stop here at the same step, within the same grace."""
+        if not self.requested:
+            self.requested = True
+            log.warning("another rank was preempted: saving a checkpoint at the end of this step")
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
         threading.Thread(target=self._watchdog, name="kubetune-preempt-watchdog", daemon=True).start()
 
     def _watchdog(self):
@@ -66,5 +81,5 @@ class Preemption:
     def __exit__(self, *exc):
         self.settled.set()
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if self.stay and self.requested else old)
         self._old.clear()

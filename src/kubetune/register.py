@@ -6,10 +6,12 @@ makes a second run) in experiment ``tracking.experiment`` with:
 - params: the full resolved config (``cfg.flat()``, values as strings);
 - metrics: every number in the eval report's ``metrics.json`` (``eval_loss``, ``base_eval_loss``, ...), the training
   summary's ``train_tokens_per_second``, ``train_seconds``, ``tokens_seen``, ``global_step``, ``final_loss``,
-  ``peak_rss_bytes``, the data/pack counts (``data.*``, ``pack.*``), and the training curve as ``train_loss`` by
-  step;
+  ``peak_rss_bytes``, ``world_size``, ``collective_seconds_per_step``, ``allreduce_bytes_per_step`` and each rank's
+  ``train_tokens_per_second_rank_<r>``, the data/pack counts (``data.*``, ``pack.*``), and the training curve as
+  ``train_loss`` by step;
 - artifacts: ``adapter/`` (the whole adapter folder: weights, tokenizer, ``base_model.json``, ``merged/`` when
   made), ``eval/``, ``data/`` and ``pack/`` reports, ``training_summary.json``, ``config.yaml``;
+- tags: ``kubetune.distributed_backend`` (``gloo``, ``nccl``, ``ccl``; ``none`` for one process);
 - dataset lineage: the prepared train and eval splits as MLflow dataset inputs, digest = data fingerprint;
 - the eval report as the run's description.
 
@@ -83,6 +85,9 @@ SUMMARY_METRICS = (
     "peak_gpu_memory_bytes",
     "trainable_parameters",
     "total_parameters",
+    "world_size",
+    "collective_seconds_per_step",
+    "allreduce_bytes_per_step",
 )
 
 
@@ -153,6 +158,9 @@ def build_payload(
     for k in SUMMARY_METRICS:
         if (n := _number(summary.get(k))) is not None:
             metrics[k] = n
+    for rank, rate in enumerate(summary.get("tokens_per_second_per_rank") or []):
+        if (n := _number(rate)) is not None:
+            metrics[f"train_tokens_per_second_rank_{rank}"] = n
     if "train_tokens_per_second" not in metrics:
         log.warning("%s: training_summary.json has no train_tokens_per_second", adapter)
     for prefix, folder in (("data", prepared), ("pack", packed)):
@@ -202,6 +210,8 @@ def build_payload(
         tags[tracking.TAG_DATA_FINGERPRINT] = data_fp
     if base_ref.get("weights_sha256"):
         tags["kubetune.base_weights_sha256"] = str(base_ref["weights_sha256"])
+    if summary.get("world_size"):
+        tags["kubetune.distributed_backend"] = str(summary.get("backend") or "none")
     version_tags = {
         k: tags[k]
         for k in (tracking.TAG_RUN_KEY, tracking.TAG_BASE_MODEL, "kubetune.method", tracking.TAG_DATA_FINGERPRINT)

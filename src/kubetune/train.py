@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
-from kubetune import adapters, artifacts, checkpoints, cpu, hardware, models, plan, sft
+from kubetune import adapters, artifacts, checkpoints, cpu, distributed, hardware, models, plan, sft
 from kubetune.config import Config, dump
+from kubetune.distributed import World
 from kubetune.errors import Preempted, UserError
 from kubetune.preemption import Preemption
 
@@ -46,16 +48,23 @@ _RUNTIME_ONLY = {
 
 
 def train(
-    cfg: Config, packed: str | Path, out: str | Path, *, overwrite: bool = False, hw: hardware.Hardware | None = None
+    cfg: Config,
+    packed: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    hw: hardware.Hardware | None = None,
+    world: World | None = None,
 ) -> Path:
     """Fine-tune ``cfg.model`` on a packed_dataset; write the adapter folder ``out``. See the module docstring.
 
-    ``hw``: the machine's facts the plan is made from (default: :func:`kubetune.hardware.detect`). Raises
+    ``hw``: the machine's facts the plan is made from (default: :func:`kubetune.hardware.detect`). ``world``: this
+    process's rank under torchrun (default: one process); only global rank 0 writes. Raises
     :class:`~kubetune.errors.UserError` for bad input (before anything is written) and for a second writer of ``out``
-    or of the checkpoint folder; :class:`~kubetune.errors.Preempted` after SIGTERM/SIGINT once the resume point is on
-    disk.
+    or of the checkpoint folder; :class:`~kubetune.errors.Preempted` after SIGTERM/SIGINT (to any rank) once the
+    resume point is on disk.
     """
-    packed, out = Path(packed), Path(out)
+    packed, out, world = Path(packed), Path(out), world or World()
     packed_manifest = artifacts.read_manifest(packed, "pack")
     run_fp = run_fingerprint(cfg, packed_manifest)
     ckpt_dir = Path(cfg.train.checkpoint_dir).expanduser() if cfg.train.checkpoint_dir else out.parent / "checkpoints"
@@ -63,25 +72,31 @@ def train(
         "packed": {"path": str(packed), "fingerprint": packed_manifest["fingerprint"]},
         "model": cfg.model.name_or_path,
     }
+    hw = hw or hardware.detect()
+    plan.check_world(cfg, hw, world)
     # The signal handler covers writing the output too: a SIGTERM that comes after the last step lets the adapter
     # folder be finished (within the grace) instead of killing the process half-way through it.
     with (
-        Preemption(cfg.train.preempt_grace_s) as preemption,
-        artifacts.stage_output(
-            out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
-        ) as writer,
+        Preemption(cfg.train.preempt_grace_s, stay=world.distributed) as preemption,
+        distributed.session(world, plan.choose_backend(cfg, hw, world).value, cfg.distributed.timeout_s),
+        contextlib.ExitStack() as held,
     ):
+        output = functools.partial(
+            artifacts.stage_output, out, "train", run_fp, inputs=inputs, config=cfg.to_dict(), overwrite=overwrite
+        )
+        writer = distributed.take_output(world, held, output)
         if writer.up_to_date:
             return out
         rows = _train_rows(packed)
         resolved, model_config = _base_model(cfg)
         checkpoints.check_resume(cfg.train.resume, ckpt_dir, run_fp)
-        hw = hw or hardware.detect()
-        run = _Run(plan.make(cfg, hw, model_config, _row_len(rows)), packed, rows, resolved, ckpt_dir, run_fp, hw)
-        with checkpoints.folder_lock(ckpt_dir):
-            summary = _train_into(cfg, run, writer.tmp, preemption)
+        the_plan = plan.make(cfg, hw, model_config, _row_len(rows), world)
+        run = _Run(the_plan, packed, rows, resolved, ckpt_dir, run_fp, hw)
+        take_checkpoints = functools.partial(checkpoints.take, held, cfg.train.resume, ckpt_dir, run_fp)
+        summary = _train_into(cfg, run, writer.tmp, preemption, take_checkpoints)
         writer.counts.update({k: summary[k] for k in ("global_step", "tokens_seen", "train_tokens_per_second")})
-    _log_summary(out, summary)
+    if world.is_writer:
+        _log_summary(out, summary)
     return out
 
 
@@ -98,42 +113,49 @@ class _Run:
     hw: hardware.Hardware
 
 
-def _train_into(cfg: Config, run: _Run, dest: Path, preemption: Preemption) -> dict[str, Any]:
+def _train_into(cfg: Config, run: _Run, dest: Path | None, preemption: Preemption, take_checkpoints) -> dict[str, Any]:
     import torch
 
     for line in str(run.plan).splitlines():
         log.info("auto setting %s", line)
-    torch.set_num_threads(run.plan.threads.value)
+    world = run.plan.world
     with cpu.kernels(run.plan) as kernels:
-        _stop_if_preempted(preemption, None)
+        _stop_if_preempted(world, preemption, None)
         with kernels.loading():
             model, tokenizer = _load(cfg, run.plan, run.packed, run.resolved)
-        resume_from = checkpoints.choose_resume(cfg.train.resume, run.ckpt_dir, run.fingerprint)  # inputs checked
+        # The model fits the config (inputs checked): the writer takes the checkpoint folder and says where to resume.
+        resume_from = distributed.on_writer(world, take_checkpoints)
         resumed_step, tokens_before = checkpoints.resume_point(resume_from)
         counter = sft.TokenCounter()
         summary: dict[str, Any] = {"loss_curve": [], "method": cfg.method, "resumed_from_step": resumed_step}
+        args = sft.sft_config(cfg, run.plan, run.ckpt_dir)
+        torch.set_num_threads(run.plan.threads.value)  # after accelerate, which sets its own for CPU ranks
         trainer = sft.trainer_class()(
             model=model,
-            args=_sft_config(cfg, run.plan, run.ckpt_dir),
+            args=args,
             train_dataset=run.rows,
             data_collator=sft.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, counter=counter),
             processing_class=tokenizer,
             peft_config=adapters.lora_config(cfg),
-            callbacks=sft.callbacks(run.fingerprint, preemption, counter, summary, tokens_before),
+            callbacks=sft.callbacks(run.fingerprint, preemption, counter, summary, tokens_before, world),
         )
         trainer.token_counter = counter
+        trainer.comm_meter = distributed.prepare(trainer.model, world)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # sft's Progress callback logs one readable line per step instead
         summary.update(kernels.install(trainer.model, run.plan.micro_batch_size.value * _row_len(run.rows)))
         _log_start(trainer, run.ckpt_dir, resume_from, resumed_step)
-        _stop_if_preempted(preemption, resume_from, resumed_step)
+        _stop_if_preempted(world, preemption, resume_from, resumed_step)
         _fit(trainer, resume_from, summary, run.plan.precision.value)
-    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
-        raise Preempted(trainer.state.global_step, summary.get("preempted_checkpoint"))
+    if summary.get("preempted_checkpoint") and trainer.state.global_step < trainer.state.max_steps:
+        raise Preempted(trainer.state.global_step, summary["preempted_checkpoint"])
     # (A signal after the last step: the work is done, so the output is finished within the grace.)
-    run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, allocator=kernels.allocator))
+    summary.update(distributed.summary(world, run.plan.backend.value, summary, trainer.comm_meter))
     summary["tokens_seen"] = tokens_before + summary.get("tokens_this_run", 0)
+    if dest is None:  # not the writer: nothing to write
+        return summary
+    run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, allocator=kernels.allocator))
     summary["resumed_from"] = str(resume_from) if resume_from else None
     return _write_adapter(cfg, run, trainer, tokenizer, dest, summary)
 
@@ -169,9 +191,9 @@ def _base_model(cfg: Config) -> tuple[models.ResolvedModel, Any]:
     return resolved, model_config
 
 
-def _stop_if_preempted(preemption: Preemption, resume_from: Path | None, step: int | None = None) -> None:
-    """Nothing was trained in this process yet: the resume point on disk is unchanged."""
-    if preemption.requested:
+def _stop_if_preempted(world: World, preemption: Preemption, resume_from: Path | None, step: int | None = None):
+    """Nothing was trained in this process yet: the resume point on disk is unchanged. Every rank stops, or none."""
+    if distributed.any_rank(world, preemption.requested):
         raise Preempted(step or 0, str(resume_from) if resume_from else None)
 
 
@@ -197,45 +219,6 @@ def _load(cfg: Config, the_plan: plan.Plan, packed: Path, resolved: models.Resol
     model.config.use_cache = False  # packed rows stay isolated only without the KV cache
     adapters.check_target_modules(cfg, model)
     return model, tokenizer
-
-
-def _sft_config(cfg: Config, the_plan: plan.Plan, ckpt_dir: Path):
-    """TRL's SFTConfig: the optimisation from the config, the execution from the plan."""
-    from trl import SFTConfig
-
-    t, precision, micro = cfg.train, the_plan.precision.value, the_plan.micro_batch_size.value
-    return SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=t.grad_accum * (t.batch_size // micro),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=the_plan.device != "cuda",
-        activation_checkpointing=bool(the_plan.activation_checkpointing.value),
-        optim=the_plan.optim.value,
-        torch_compile=t.compile,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        packing=False,
-        max_length=None,
-    )
 
 
 def _log_start(trainer, ckpt_dir: Path, resume_from: Path | None, resumed_step: int | None) -> None:
@@ -277,11 +260,9 @@ def _write_adapter(cfg: Config, run: _Run, trainer, tokenizer, dest: Path, summa
     tokenizer.save_pretrained(str(dest))
     artifacts.write_json(dest / "base_model.json", models.base_reference(run.resolved, cfg.model))
     (dest / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    secs = summary.get("train_seconds") or float("nan")
     on_cuda = run.plan.device == "cuda"
     summary.update(
         {
-            "train_tokens_per_second": summary.get("tokens_this_run", 0) / secs if secs and secs > 0 else 0.0,
             "final_loss": summary["loss_curve"][-1][1] if summary["loss_curve"] else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if on_cuda else None,

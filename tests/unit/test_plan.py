@@ -11,6 +11,7 @@ import pytest
 
 from kubetune import config, plan
 from kubetune.config import ConfigError
+from kubetune.distributed import World
 from kubetune.errors import UserError
 from kubetune.hardware import Decision, Hardware
 
@@ -33,6 +34,7 @@ def test_a_c3_node_gets_bf16_and_every_cpu_kernel():
         "lean_layers": "on",
         "split_gemms": "on",
         "allocator": got["allocator"],  # this process's malloc: see test_hardware's allocator tests
+        "backend": None,  # one process: no collectives
     }
     assert p.device == "cpu"
     assert all(d.reason for d in p.settings().values())
@@ -64,7 +66,7 @@ def test_the_plan_is_frozen_printable_and_recorded_as_the_summary_shows_it():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.threads = Decision(1, "no")  # type: ignore[misc]
     lines = str(p).splitlines()
-    assert len(lines) == len(p.settings()) == 10
+    assert len(lines) == len(p.settings()) == 11
     assert "threads = 3 (set in config (train.threads))" in lines
     assert p.to_dict()["threads"] == {"value": 3, "reason": "set in config (train.threads)"}
 
@@ -143,3 +145,122 @@ def test_on_and_off_read_as_words_where_a_key_takes_them(tmp_path):
     assert (cfg.cpu.lean_layers, cfg.cpu.split_gemms, cfg.train.activation_checkpointing) == ("on", "on", "off")
     with pytest.raises(ConfigError, match=r"`cpu\.lm_head`: expected a string, got False"):
         config.from_dict({"cpu": {"lm_head": False}})  # no on/off there
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): the world comes from the environment, read once; the plan is made from it.
+
+
+def _world(n: int, rank: int = 0, local: int | None = None, **kw) -> World:
+    return World(rank=rank, world_size=n, local_rank=rank % (local or n), local_world_size=local or n, **kw)
+
+
+def test_the_world_is_read_from_torchruns_environment_and_defaults_to_one_process():
+    assert World.from_env({}) == World()
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
+    w = World.from_env({**env, "MASTER_ADDR": "trainer-node-0-0.svc", "MASTER_PORT": "29400"})
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.node_rank) == (3, 4, 1, 2, 1)
+    assert (w.master_addr, w.master_port, w.is_writer, w.distributed) == ("trainer-node-0-0.svc", 29400, False, True)
+    assert World.from_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}).is_writer
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two': expected an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not in [0, WORLD_SIZE=2)"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2"),
+    ],
+)
+def test_a_contradictory_environment_is_one_line_naming_the_variable(env, needle):
+    with pytest.raises(UserError) as err:
+        World.from_env(env)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_global_batch_is_split_over_ranks_and_accumulation():
+    cfg = config.from_dict({"train": {"batch_size": 16, "grad_accum": 2}})
+    one = plan.make(cfg, C3, SMALL_MODEL, 512)
+    four = plan.make(cfg, C3, SMALL_MODEL, 512, _world(4))
+    # Rows per optimizer step = rows per pass x ranks x passes per step, the same for both.
+    assert (one.rows_per_rank, one.micro_batch_size.value, one.grad_accum_steps) == (16, 2, 16)
+    assert (four.rows_per_rank, four.micro_batch_size.value, four.grad_accum_steps) == (4, 2, 4)
+    for p, n in ((one, 1), (four, 4)):
+        assert p.micro_batch_size.value * n * p.grad_accum_steps == 16 * 2
+    odd = plan.make(config.from_dict({"train": {"batch_size": 6}}), C3, SMALL_MODEL, 512, _world(2))
+    assert (
+        odd.micro_batch_size.value == 1 and "this rank's 3 of train.batch_size 6 is odd" in odd.micro_batch_size.reason
+    )
+    gpu = plan.make(config.from_dict({"train": {"batch_size": 8}}), L4, SMALL_MODEL, 512, _world(2))
+    assert (gpu.micro_batch_size.value, gpu.grad_accum_steps, gpu.backend.value) == (4, 1, "nccl")
+
+
+def test_threads_are_the_cores_shared_by_the_ranks_on_this_node():
+    cfg = config.from_dict({"train": {"batch_size": 64}})
+    assert plan.make(cfg, C3, SMALL_MODEL, 512, _world(8, local=2)).threads.value == 11
+    assert plan.make(cfg, C3, SMALL_MODEL, 512, _world(8, local=1)).threads.value == 22
+    many = plan.make(cfg, C3, SMALL_MODEL, 512, _world(64, local=32))
+    assert many.threads.value == 1 and "shared by the 32 ranks on this node" in many.threads.reason
+    pinned = config.from_dict({"train": {"threads": 3}})
+    assert plan.make(pinned, C3, SMALL_MODEL, 512, _world(2)).threads.value == 3
+
+
+def test_the_backend_is_gloo_on_cpu_nccl_on_cuda_or_the_configs():
+    assert plan.make(config.from_dict({}), C3, SMALL_MODEL, 512, _world(2)).backend.value == "gloo"
+    cfg = config.from_dict({"distributed": {"backend": "ccl"}})
+    p = plan.make(cfg, C3, SMALL_MODEL, 512, _world(2, ccl_available=True))
+    assert p.backend == Decision("ccl", "set in config (distributed.backend), 2 ranks")
+    assert p.to_dict()["backend"]["value"] == "ccl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hw", "world", "message"),
+    [
+        (
+            {"train.batch_size": 5},
+            C3,
+            2,
+            "config key `train.batch_size`: 5 rows (the global batch) do not split over 2 ranks; use a multiple of "
+            "2, e.g. 4 or 6",
+        ),
+        (
+            {"train.batch_size": 2},
+            C3,
+            4,
+            "config key `train.batch_size`: 2 rows (the global batch) do not split over 4 ranks; use a multiple of "
+            "4, e.g. 4",
+        ),
+        (
+            {"train.batch_size": 8, "train.micro_batch_size": 4},
+            C3,
+            4,
+            "config key `train.micro_batch_size`: 4 does not divide the 2 rows each of 4 ranks trains on per step "
+            "(train.batch_size 8 / 4); use a divisor of 2, or 0 to choose",
+        ),
+        (
+            {"distributed.backend": "ccl"},
+            C3,
+            2,
+            "config key `distributed.backend`: ccl needs the `oneccl_bindings_for_pytorch` package, which is not "
+            "installed (PyPI has no release of it for the pinned torch 2.13); use gloo (or auto)",
+        ),
+        (
+            {"distributed.backend": "nccl"},
+            C3,
+            2,
+            "config key `distributed.backend`: nccl needs CUDA devices; use gloo (or auto) on CPU",
+        ),
+        ({"distributed.strategy": "fsdp"}, C3, 2, plan.FSDP_REFUSED),
+        ({"distributed.strategy": "fsdp", "method": "qlora"}, L4, 1, plan.FSDP_REFUSED),
+    ],
+)
+def test_combinations_that_cannot_run_are_refused_with_one_line(overrides, hw, world, message):
+    cfg = config.from_dict({}).replace(**overrides)
+    with pytest.raises(UserError) as err:
+        plan.make(cfg, hw, SMALL_MODEL, 512, _world(world))
+    assert str(err.value) == message
+
+
+def test_a_single_process_ignores_the_distributed_backend():
+    cfg = config.from_dict({"distributed": {"backend": "ccl"}})
+    assert plan.make(cfg, C3, SMALL_MODEL, 512).backend.value is None

@@ -75,6 +75,11 @@ def make_run(
                 "final_loss": 1.7,
                 "settings": {},
                 "method": "lora",
+                "world_size": 2,
+                "backend": "gloo",
+                "tokens_per_second_per_rank": [21.5, 21.0],
+                "collective_seconds_per_step": 0.004,
+                "allreduce_bytes_per_step": 92480,
             },
         )
         (w.tmp / "config.yaml").write_text("method: lora\n")
@@ -169,6 +174,13 @@ def test_first_version_beating_the_base_is_promoted_with_everything_logged(store
     assert r.info.status == "FINISHED"
     assert r.data.metrics["eval_loss"] == 1.25 and r.data.metrics["base_eval_loss"] == 3.0
     assert r.data.metrics["train_tokens_per_second"] == 42.5
+    assert (r.data.metrics["world_size"], r.data.metrics["allreduce_bytes_per_step"]) == (2, 92480)
+    assert r.data.metrics["collective_seconds_per_step"] == 0.004
+    assert (r.data.metrics["train_tokens_per_second_rank_0"], r.data.metrics["train_tokens_per_second_rank_1"]) == (
+        21.5,
+        21.0,
+    )
+    assert r.data.tags["kubetune.distributed_backend"] == "gloo"
     assert r.data.metrics["data.train_rows"] == 2 and r.data.metrics["pack.packing_efficiency"] == 0.9
     assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "train_loss")] == [
         (1, 3.2),
