@@ -41,7 +41,7 @@ INFRA_VENV ?= .venv-infra
 HCL_VENV ?= .venv-infra-hcl2
 
 .PHONY: infra-tools infra-check constraints images compile upload schedule render deploy \
-	deploy-prereqs tf-apply credentials kfp-install secrets apply wait urls destroy
+	deploy-prereqs tf-apply credentials kfp-install trainer-install secrets apply wait urls destroy
 
 # --- prerequisite checks: each missing piece is named with what to do -----------------------------------------
 need_gcloud = command -v gcloud >/dev/null 2>&1 || { echo "missing: gcloud. Install the Google Cloud CLI, then run 'gcloud auth login' and 'gcloud auth application-default login'." >&2; missing=1; };
@@ -128,12 +128,13 @@ schedule: ## recurring fine-tune: make schedule CONFIG=configs/x.yaml [CRON="0 3
 	$(call with_kfp,$(KUBETUNE) pipeline schedule --host "$$host" --cron "$(CRON)" --config $(CONFIG))
 
 # --- deploy ------------------------------------------------------------------------------------------------------
-deploy: ## stand it all up: terraform, credentials, images (or TAG=...), KFP, manifests, wait, compile, upload, URLs
+deploy: ## stand it all up: terraform, credentials, images (or TAG=...), KFP, Trainer, manifests, wait, compile, upload, URLs
 	@$(MAKE) --no-print-directory deploy-prereqs
 	$(MAKE) --no-print-directory tf-apply
 	$(MAKE) --no-print-directory credentials
 	$(if $(filter command line environment,$(origin TAG)),@echo "using the images already pushed with tag $(TAG)",$(MAKE) --no-print-directory images)
 	$(MAKE) --no-print-directory kfp-install
+	$(MAKE) --no-print-directory trainer-install
 	$(MAKE) --no-print-directory secrets
 	$(MAKE) --no-print-directory apply
 	$(MAKE) --no-print-directory wait
@@ -159,6 +160,14 @@ kfp-install: ## install Kubeflow Pipelines standalone, pinned in manifests/kfp (
 	kubectl apply -k manifests/kfp/cluster-scoped
 	kubectl wait --for condition=established --timeout=120s crd/applications.app.k8s.io
 	kubectl apply -k manifests/kfp
+
+# Server-side: Trainer's CRDs are too large for the last-applied annotation of a client-side apply. The runtimes
+# (manifests/base/trainer, applied by `apply`) need the CRDs established and Trainer's validating webhook answering.
+trainer-install: ## install Kubeflow Trainer and JobSet, pinned in manifests/trainer (before `apply` ships the runtimes)
+	kubectl apply --server-side -k manifests/trainer
+	kubectl wait --for condition=established --timeout=120s crd/trainjobs.trainer.kubeflow.org \
+	  crd/clustertrainingruntimes.trainer.kubeflow.org crd/jobsets.jobset.x-k8s.io
+	kubectl -n kubeflow-system wait --for=condition=Available deployment --all --timeout=10m
 
 secrets: ## create the Secrets that never live in git: database, MLflow admin and pipeline users, hub token
 # Values travel through env files on process substitution, never on a command line (where `ps` would show them).

@@ -78,6 +78,9 @@ def test_make_n_deploy_prints_the_full_sequence_in_order():
         "kubectl apply -k manifests/kfp/cluster-scoped",
         "kubectl wait --for condition=established",
         "kubectl apply -k manifests/kfp\n",
+        "kubectl apply --server-side -k manifests/trainer",
+        "crd/trainjobs.trainer.kubeflow.org",
+        "kubectl -n kubeflow-system wait --for=condition=Available deployment --all",
         "create secret generic mlflow-db",
         "kubectl apply -k build/deploy/dev",
         "kubectl -n kubeflow wait --for=condition=Available deployment --all",
@@ -167,6 +170,15 @@ DRY_RUN = {
             "kubectl apply -k manifests/kfp/cluster-scoped",
             "kubectl wait --for condition=established --timeout=120s crd/applications.app.k8s.io",
             "kubectl apply -k manifests/kfp\n",
+        ],
+    ),
+    "trainer-install": (
+        [],
+        [
+            "kubectl apply --server-side -k manifests/trainer",
+            "kubectl wait --for condition=established --timeout=120s crd/trainjobs.trainer.kubeflow.org",
+            "crd/clustertrainingruntimes.trainer.kubeflow.org crd/jobsets.jobset.x-k8s.io",
+            "kubectl -n kubeflow-system wait --for=condition=Available deployment --all --timeout=10m",
         ],
     ),
     "secrets": (

@@ -475,3 +475,60 @@ def test_make_compile_uses_the_images_make_images_builds_and_pushes(make_compile
     assert tags["cpu"] == cpu and tags["gpu"] == gpu
     pushed = {expand(i) for i in cloudbuild["images"]}
     assert {cpu, gpu} <= pushed
+
+
+# --- multi-node training: the Trainer runtimes --------------------------------------------------------------------
+
+
+def _runtime_pods(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """Runtime name -> (pod template metadata, pod spec) of its "node" job."""
+    out = {}
+    for runtime in (o for o in objects if o["kind"] == "ClusterTrainingRuntime"):
+        (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        pod = job["template"]["spec"]["template"]
+        out[runtime["metadata"]["name"]] = (pod["metadata"], pod["spec"])
+    return out
+
+
+def test_runtimes_place_their_pods_on_the_pools_terraform_labels_and_taints(rendered, parsed):
+    """The runtimes' placement == pipelines.placement.POOLS == terraform's placement.tf, per pool."""
+    local = tf_blocks(parsed, "modules/node_pools", "locals")
+    effect = {"NO_SCHEDULE": "NoSchedule"}[local["pool_taint_effect"]]
+    for objects in rendered.values():
+        pods = _runtime_pods(objects)
+        assert set(pods) == set(placement.TRAINING_RUNTIMES.values())
+        for pool, runtime in placement.TRAINING_RUNTIMES.items():
+            _, spec = pods[runtime]
+            value = local["pool_label_values"][pool]
+            assert spec["nodeSelector"] == {local["pool_label_key"]: value}
+            assert (placement.POOLS[pool]["label_key"], placement.POOLS[pool]["label_value"]) == (
+                local["pool_label_key"],
+                value,
+            )
+            pool_toleration = {"key": local["pool_label_key"], "operator": "Equal", "value": value, "effect": effect}
+            assert pool_toleration in spec["tolerations"]
+            assert placement.taint(pool) == f"{pool_toleration['key']}={value}:{effect}"
+            gpu_toleration = {"key": placement.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+            (container,) = spec["containers"]
+            assert container["name"] == placement.TRAINJOB_CONTAINER
+            limits = container["resources"]["limits"]
+            if pool == "gpu":
+                assert gpu_toleration in spec["tolerations"] and limits[placement.GPU_RESOURCE] == placement.GPU_COUNT
+            else:
+                assert gpu_toleration not in spec["tolerations"] and placement.GPU_RESOURCE not in limits
+            # One training pod is one node's worth of the single-node train task's size.
+            sizes = placement.RESOURCES[f"train-{pool}"]
+            assert (limits["cpu"], limits["memory"]) == (sizes["cpu_limit"], sizes["memory_limit"])
+
+
+def test_runtime_pods_are_pipeline_pods_mlflow_admits_running_as_the_images_user(rendered):
+    (user,) = _image_user()
+    uid, _, gid = user.partition(":")
+    for objects in rendered.values():
+        target = mlflow_target(objects)
+        for metadata, spec in _runtime_pods(objects).values():
+            assert placement.POD_LABELS.items() <= metadata["labels"].items()
+            assert ingress_allowed(objects, target, metadata["labels"], placement.RUN_NAMESPACE)
+            assert spec["serviceAccountName"] == placement.SERVICE_ACCOUNT
+            context = spec["securityContext"]
+            assert (str(context["runAsUser"]), str(context["runAsGroup"])) == (uid, gid or uid)

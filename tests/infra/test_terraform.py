@@ -109,8 +109,8 @@ def test_one_node_pool_resource_for_each_over_the_pools(parsed):
     # The GKE pool names stay what they were (outputs, kubectl and the console show them).
     assert {k: v["name"] for k, v in local["pool_specs"].items()} == {"system": "system", "cpu": "cpu-c3", "gpu": "gpu"}
     dynamic = {name for block in pool["node_config"][0]["dynamic"] for name in block}
-    assert dynamic == {"taint", "guest_accelerator", "gcfs_config"}
-    assert {name for block in pool["dynamic"] for name in block} == {"placement_policy"}
+    assert dynamic == {"taint", "guest_accelerator", "gcfs_config", "gvnic"}
+    assert {name for block in pool["dynamic"] for name in block} == {"placement_policy", "network_config"}
 
 
 def test_moved_blocks_cover_every_old_pool_address(parsed):
@@ -156,6 +156,11 @@ def test_c3_and_gpu_pools_scale_from_zero_with_labels_and_taints_from_the_contra
     assert pools["system"]["min_nodes"] >= 1 and pools["system"]["per_zone_limits"] is True
 
 
+_TFVARS = (
+    'project_id = "p"\ncluster_id = "projects/p/locations/r/clusters/c"\n'
+    'location = "us-central1"\nnode_service_account = "n@p.iam.gserviceaccount.com"\n'
+)
+
 # The pools' addresses before they became one resource, as terraform_data stand-ins with each pool's GKE name.
 _OLD_POOLS = "".join(
     f'resource "terraform_data" "{key}" {{\n  input = "{name}"\n}}\n'
@@ -163,9 +168,19 @@ _OLD_POOLS = "".join(
 )
 
 
+def _preconditions(body: str) -> str:
+    """The ``precondition { ... }`` blocks of a resource body, verbatim."""
+    blocks = []
+    for match in re.finditer(r"^(\s*)precondition \{\n", body, flags=re.M):
+        end = body.index(f"\n{match.group(1)}}}", match.end()) + len(match.group(1)) + 2
+        blocks.append(body[match.start() : end] + "\n")
+    return "".join(blocks)
+
+
 def _stand_in(main_tf: str) -> str:
     """``main_tf`` with every google_container_node_pool replaced by a terraform_data of the same address
-    (name and for_each) whose input is the pool's name; locals and moved blocks stay, retyped."""
+    (name and for_each) whose input is the pool's name and which keeps the pool's preconditions; locals and moved
+    blocks stay, retyped."""
     out, last = [], 0
     for match in re.finditer(r'^resource "google_container_node_pool" "(\w+)" \{\n', main_tf, flags=re.M):
         depth, end = 1, match.end()
@@ -178,7 +193,9 @@ def _stand_in(main_tf: str) -> str:
         out.append(main_tf[last : match.start()])
         out.append(f'resource "terraform_data" "{match.group(1)}" {{\n')
         out.append(f"  for_each = {for_each.group(1)}\n" if for_each else "")
-        out.append(f"  input = {name}\n}}\n")
+        out.append(f"  input = {name}\n")
+        preconditions = _preconditions(body)
+        out.append(f"  lifecycle {{\n{preconditions}  }}\n}}\n" if preconditions else "}\n")
         last = end
     out.append(main_tf[last:])
     return "".join(out).replace("google_container_node_pool.", "terraform_data.")
@@ -192,10 +209,7 @@ def test_pool_addresses_move_without_destroying_anything(tmp_path):
     module = TF_ROOT / "modules" / "node_pools"
     env = {**os.environ, "TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
     tfvars = tmp_path / "test.tfvars"
-    tfvars.write_text(
-        'project_id = "p"\ncluster_id = "projects/p/locations/r/clusters/c"\n'
-        'location = "us-central1"\nnode_service_account = "n@p.iam.gserviceaccount.com"\n'
-    )
+    tfvars.write_text(_TFVARS + 'training_zone = "us-central1-a"\n')
     state = tmp_path / "terraform.tfstate"
     plans = {}
     for step, main in (("old", _OLD_POOLS), ("new", _stand_in((module / "main.tf").read_text()))):
@@ -217,6 +231,88 @@ def test_pool_addresses_move_without_destroying_anything(tmp_path):
     assert "Plan: 0 to add, 0 to change, 0 to destroy." in plans["new"]
     for key in ("system", "cpu", "gpu"):
         assert f'terraform_data.{key} has moved to terraform_data.this["{key}"]' in plans["new"]
+
+
+def test_training_pools_are_compact_in_one_zone_with_gvnic_and_sized_for_multi_node_runs(parsed):
+    pool = _resources(parsed, "modules/node_pools", "google_container_node_pool")["this"]
+    pools = _pools(parsed)
+    local = _placement_locals(parsed)
+    assert pool["node_locations"] == "${each.value.node_locations}"
+    placement = next(b["placement_policy"] for b in pool["dynamic"] if "placement_policy" in b)
+    assert placement["content"] == [{"type": "${placement_policy.value}"}]
+    assert local["training_placement"] == '${var.compact_placement ? "COMPACT" : null}'
+    assert local["training_locations"] == "${var.compact_placement ? [var.training_zone] : null}"
+    gvnic = next(b["gvnic"] for b in pool["node_config"][0]["dynamic"] if "gvnic" in b)
+    assert gvnic["for_each"] == "${each.value.gvnic ? [true] : []}" and gvnic["content"] == [{"enabled": True}]
+    network = next(b["network_config"] for b in pool["dynamic"] if "network_config" in b)
+    tier = network["content"][0]["network_performance_config"][0]["total_egress_bandwidth_tier"]
+    assert tier == "${network_config.value}"
+    for name in ("cpu", "gpu"):
+        assert pools[name]["placement_policy"] == "${local.training_placement}", name
+        assert pools[name]["node_locations"] == "${local.training_locations}", name
+        assert pools[name]["gvnic"] is True, name
+    assert pools["cpu"]["network_tier"] == '${var.cpu_network_tier == "TIER_1" ? "TIER_1" : null}'
+    assert pools["gpu"]["network_tier"] is None, "Tier_1 is a C3/N2/C2 feature, not G2/A2/A3"
+    assert pools["system"]["placement_policy"] is None and pools["system"]["node_locations"] is None
+    variables = _blocks(parsed, "modules/node_pools", "variable")
+    assert variables["compact_placement"]["default"] is True
+    assert variables["cpu_network_tier"]["default"] == "DEFAULT"
+    # A TrainJob of N nodes needs N nodes of its pool at once: the ceilings fit the largest runs tested (8).
+    assert variables["cpu_max_nodes"]["default"] >= 8 and variables["gpu_max_nodes"]["default"] >= 8
+    env = _blocks(parsed, "envs/dev", "variable")
+    for name in ("cpu_max_nodes", "gpu_max_nodes", "compact_placement", "cpu_network_tier"):
+        assert env[name]["default"] == variables[name]["default"], name
+    wiring = _blocks(parsed, "envs/dev", "module")["node_pools"]
+    assert {"compact_placement", "training_zone", "cpu_network_tier"} <= set(wiring)
+
+
+@pytest.fixture(scope="module")
+def pools_stand_in(tmp_path_factory):
+    """The node_pools module with its pool resource replaced by terraform_data (preconditions kept), initialised."""
+    exe = binary("terraform")
+    module = TF_ROOT / "modules" / "node_pools"
+    folder = tmp_path_factory.mktemp("pools")
+    (folder / "main.tf").write_text(_stand_in((module / "main.tf").read_text()))
+    for name in ("variables.tf", "placement.tf"):
+        (folder / name).write_text((module / name).read_text())
+    env = {**os.environ, "TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
+    init = run([exe, f"-chdir={folder}", "init", "-input=false", "-no-color"], env=env)
+    assert init.returncode == 0, init.stdout + init.stderr
+    (folder / "test.tfvars").write_text(_TFVARS)
+
+    def plan(*variables: str):
+        args = [f"-var={v}" for v in variables]
+        return run(
+            [exe, f"-chdir={folder}", "plan", "-input=false", "-no-color", "-var-file=test.tfvars", *args],
+            env=env,
+        )
+
+    return plan
+
+
+# (variables, the one-line error expected, or None when the plan must pass)
+PLACEMENT_CASES = [
+    (["training_zone=us-central1-a"], None),
+    (["compact_placement=false"], None),
+    ([], "set training_zone to a zone of us-central1"),
+    (["training_zone=europe-west4-a"], "set training_zone to a zone of us-central1"),
+    (["training_zone=us-central1-a", "cpu_max_nodes=151"], "at most 150 nodes"),
+    (["training_zone=us-central1-a", "cpu_network_tier=TIER_1"], "at least 30 vCPUs"),
+    (["training_zone=us-central1-a", "cpu_network_tier=TIER_1", "cpu_machine_type=c3-standard-44"], None),
+    (["training_zone=us-central1-a", "cpu_network_tier=TIER_2"], "cpu_network_tier must be DEFAULT or TIER_1"),
+]
+
+
+@pytest.mark.parametrize(
+    "variables, error", PLACEMENT_CASES, ids=[" ".join(c[0]) or "defaults" for c in PLACEMENT_CASES]
+)
+def test_plan_refuses_placement_and_network_settings_gke_does_not_support(pools_stand_in, variables, error):
+    result = pools_stand_in(*variables)
+    output = " ".join((result.stdout + result.stderr).split())
+    if error is None:
+        assert result.returncode == 0, output
+    else:
+        assert result.returncode != 0 and error in output, output
 
 
 def test_c3_pool_defaults_to_c3_standard_22_and_rejects_other_families(parsed):

@@ -79,6 +79,9 @@ module "node_pools" {
   gpu_profile          = var.gpu_profile
   gpu_max_nodes        = var.gpu_max_nodes
   gpu_spot             = var.gpu_spot
+  compact_placement    = var.compact_placement
+  training_zone        = coalesce(var.training_zone, try(var.node_locations[0], null), "${var.region}-a")
+  cpu_network_tier     = var.cpu_network_tier
   labels               = local.labels
 }
 

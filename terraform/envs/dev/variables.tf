@@ -50,8 +50,8 @@ variable "cpu_machine_type" {
 
 variable "cpu_max_nodes" {
   type        = number
-  description = "Autoscaling ceiling of the C3 pool."
-  default     = 4
+  description = "Autoscaling ceiling of the C3 pool: at least the largest train_nodes of a CPU run."
+  default     = 8
 }
 
 variable "cpu_spot" {
@@ -68,14 +68,32 @@ variable "gpu_profile" {
 
 variable "gpu_max_nodes" {
   type        = number
-  description = "Autoscaling ceiling of the GPU pool."
-  default     = 2
+  description = "Autoscaling ceiling of the GPU pool: at least the largest train_nodes of a GPU run (GPU quota permitting)."
+  default     = 8
 }
 
 variable "gpu_spot" {
   type        = bool
   description = "Spot VMs for the GPU pool."
   default     = false
+}
+
+variable "compact_placement" {
+  type        = bool
+  description = "Compact placement for the C3 and GPU pools, in training_zone (multi-node training)."
+  default     = true
+}
+
+variable "training_zone" {
+  type        = string
+  description = "Zone of the C3 and GPU pools under compact placement; null: the first of node_locations, else REGION-a."
+  default     = null
+}
+
+variable "cpu_network_tier" {
+  type        = string
+  description = "C3 pool egress tier: DEFAULT, or TIER_1 (needs cpu_machine_type c3-standard-44 or larger)."
+  default     = "DEFAULT"
 }
 
 variable "deletion_protection" {

@@ -50,8 +50,8 @@ variable "cpu_machine_type" {
 
 variable "cpu_max_nodes" {
   type        = number
-  description = "Autoscaling ceiling of the C3 pool (total across zones). The floor is 0: no C3 node runs while no task needs one."
-  default     = 4
+  description = "Autoscaling ceiling of the C3 pool (total across zones). The floor is 0: no C3 node runs while no task needs one. A multi-node run (train_nodes = N) needs N nodes at once, one training pod per node; 8 fits the largest CPU run the presets are sized for."
+  default     = 8
   validation {
     condition     = var.cpu_max_nodes >= 1
     error_message = "cpu_max_nodes must be at least 1."
@@ -95,8 +95,8 @@ variable "gpu_count" {
 
 variable "gpu_max_nodes" {
   type        = number
-  description = "Autoscaling ceiling of the GPU pool (total across zones). The floor is 0."
-  default     = 2
+  description = "Autoscaling ceiling of the GPU pool (total across zones). The floor is 0. A multi-node GPU run (train_nodes = N) needs N nodes at once; check the project's GPU quota in the region covers it."
+  default     = 8
   validation {
     condition     = var.gpu_max_nodes >= 1
     error_message = "gpu_max_nodes must be at least 1."
@@ -123,4 +123,27 @@ variable "gpu_disk_size_gb" {
   type        = number
   description = "Boot disk size of GPU nodes."
   default     = 300
+}
+
+# --- multi-node training (both training pools) ---------------------------------------------------------------
+variable "compact_placement" {
+  type        = bool
+  description = "Compact placement policy for the C3 and GPU pools: their nodes close together in training_zone, for lower latency between the nodes of a multi-node run. Changing it recreates both pools (they scale from zero, so nothing runs on them while idle)."
+  default     = true
+}
+
+variable "training_zone" {
+  type        = string
+  description = "The one zone of the C3 and GPU pools when compact_placement is on (compact placement is zonal), e.g. us-central1-a; pick one that offers both machine types. null: the cluster's zones (only with compact_placement = false)."
+  default     = null
+}
+
+variable "cpu_network_tier" {
+  type        = string
+  description = "Egress bandwidth tier of the C3 pool: DEFAULT (the machine type's, 23 Gbps on c3-standard-22) or TIER_1 (per-VM Tier_1 networking, for multi-node training; C3 with at least 30 vCPUs, i.e. c3-standard-44 or larger, billed extra)."
+  default     = "DEFAULT"
+  validation {
+    condition     = contains(["DEFAULT", "TIER_1"], var.cpu_network_tier)
+    error_message = "cpu_network_tier must be DEFAULT or TIER_1."
+  }
 }
