@@ -47,7 +47,7 @@ def test_each_stage_command_takes_the_folders_of_what_it_reads(stage):
 def _record(monkeypatch) -> list[tuple[str, dict[str, Path], Path, bool]]:
     calls = []
 
-    def fake_run(stage, cfg, inputs, out, *, overwrite=False, hw=None):
+    def fake_run(stage, cfg, inputs, out, *, overwrite=False, hw=None, world=None):
         calls.append((stage.name, dict(inputs), out, hw is not None))
         return out
 
