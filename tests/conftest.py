@@ -62,13 +62,6 @@ TIER_OF_FOLDER = {
 }
 
 
-def pytest_configure(config):
-    # (pyproject.toml declares the other tiers' markers.)
-    config.addinivalue_line(
-        "markers", "distributed: `kubetune train` under a real torchrun, gloo on CPU (tests/distributed)"
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     cuda = None
     for item in items:

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import yaml
-
-from tests.reliability.procs import Workspace
+from reliability.procs import Workspace
 
 from .runs import MAX_STEPS, SAVE_STEPS, TIMEOUT_S, Dirs, free_port, one_process, run, start, torchrun
 

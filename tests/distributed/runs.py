@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.reliability.procs import Proc, env, kubetune_cmd, wait_for
+from reliability.procs import Proc, env, kubetune_cmd, wait_for
 
 MAX_STEPS = 40  # a few seconds: long enough that a signal sent after the first checkpoint lands mid-training
 SAVE_STEPS = 5

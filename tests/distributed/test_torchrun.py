@@ -10,8 +10,7 @@ import signal
 import time
 
 import pytest
-
-from tests.reliability.procs import (
+from reliability.procs import (
     PREEMPTED,
     adapter_tensors,
     intact_steps,
