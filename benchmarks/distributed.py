@@ -74,7 +74,7 @@ def model_arch(model: str | None) -> scaling.Arch:
     """SmolLM2-135M's architecture from the model folder kubetune resolves (the converted GGUF), checked against the
     table; without the model package, the table's entry."""
     table = scaling.ARCHITECTURES["SmolLM2-135M"]
-    if not model:
+    if not model or model == "table":
         return table
     from transformers import AutoConfig
 
@@ -172,7 +172,7 @@ def fit_alpha_bandwidth(points: list[tuple[int, float]], world: int) -> tuple[fl
 def bandwidths(nbytes: int, seconds: float, world: int) -> dict[str, float]:
     """Algorithm bandwidth (bytes / time) and bus bandwidth (x 2 (N - 1) / N: what each link carries), GB/s."""
     alg = nbytes / seconds / 1e9
-    return {"algbw_gb_s": round(alg, 3), "busbw_gb_s": round(alg * 2 * (world - 1) / world, 3)}
+    return {"algbw_gb_s": float(f"{alg:.4g}"), "busbw_gb_s": float(f"{alg * 2 * (world - 1) / world:.4g}")}
 
 
 def allreduce_part(args: argparse.Namespace, rec: Recorder, work: Path) -> list[dict[str, Any]]:
@@ -274,8 +274,15 @@ def train_commands(
     return [*torchrun, "--no-python", kubetune, *train]
 
 
-def supports_distributed(summary: dict[str, Any]) -> bool:
-    return "world_size" in summary
+def unsupported_message(summary: dict[str, Any], kubetune: str) -> str | None:
+    """One line when this kubetune's train stage does not run under torchrun (its summary has no ``world_size``,
+    which every distributed-capable version writes, 1 for one process); None when it does."""
+    if "world_size" in summary:
+        return None
+    return (
+        "dist-train: skipped: this kubetune's training_summary.json has no world_size, so its train stage does not "
+        f"run under torchrun ({kubetune}); install a kubetune that does"
+    )
 
 
 def arm_record(name: str, ranks: int, threads: int, summary: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -406,11 +413,8 @@ def train_part(args: argparse.Namespace, rec: Recorder, work: Path) -> list[dict
             if code != 0 or not (out / "training_summary.json").is_file():
                 raise BenchError(f"{label}: exited with {code} (log: {log}){common._tail(log)}")
             summary = json.loads((out / "training_summary.json").read_text())
-            if not supports_distributed(summary):
-                msg = (
-                    "dist-train: skipped: this kubetune's training_summary.json has no world_size, so its train "
-                    f"stage does not run under torchrun ({kubetune})"
-                )
+            msg = unsupported_message(summary, kubetune)
+            if msg:
                 progress(msg)
                 return [rec.emit({"bench": "dist-train", "name": "skipped", "error": msg})]
             row = arm_record(label, ranks, threads, summary, wall)
@@ -505,7 +509,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--world", type=int, default=2, help="ranks of the all-reduce microbenchmark")
     p.add_argument("--allreduce-warmup", type=int, default=5)
     p.add_argument("--allreduce-repeats", type=int, default=30)
-    p.add_argument("--model", default=common.SMOLLM2, help="the 135M model whose config part a derives from")
+    p.add_argument(
+        "--model",
+        default=common.SMOLLM2,
+        help="the 135M model whose config part a derives from ('table': benchmarks.scaling's entry)",
+    )
     p.add_argument("--train-model", default=common.SMOLLM2, help="the model part b trains")
     p.add_argument("--data", type=Path, default=common.LIMA)
     p.add_argument("--rows", type=int, default=None, help="read at most this many rows")
