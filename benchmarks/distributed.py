@@ -5,7 +5,7 @@
 Three parts, each its own records (``bench`` = ``allreduce``, ``dist-train``, ``projection``):
 
 (a) **allreduce**: 2 processes on this machine (``torch.multiprocessing``, gloo over loopback, 1 intra-op thread
-    each) all-reduce fp32 tensors. First a size sweep (4 KiB ... 64 MiB) from which a least-squares fit of
+    each) all-reduce fp32 tensors. First a size sweep (4 KiB ... 64 MiB) from which the ring model
     ``t = 2 (N - 1) alpha + 2 (N - 1) / N x bytes / bw`` gives the latency ``alpha`` and the bandwidth ``bw`` the
     projection uses; then, per model (:data:`benchmarks.scaling.ARCHITECTURES`), one optimizer step's gradient
     traffic as DDP sends it: the LoRA r=16 adapter of kubetune's default targets (``lora.target_modules`` from
@@ -155,17 +155,21 @@ def summarise_rounds(per_rank: list[list[float]]) -> dict[str, float]:
 
 
 def fit_alpha_bandwidth(points: list[tuple[int, float]], world: int) -> tuple[float, float]:
-    """Least-squares line ``t = a + b x bytes`` through (bytes, seconds) of single-tensor all-reduces; the ring
-    model's ``a = 2 (N - 1) alpha`` and ``b = 2 (N - 1) / N / bw`` give (alpha seconds, bw bytes/s)."""
-    if len(points) < 2 or world < 2:
-        raise BenchError("the all-reduce fit needs at least two sizes on at least two ranks")
-    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    """The ring model's latency ``alpha`` (seconds per message) and bandwidth ``bw`` (bytes/s) from (bytes, seconds)
+    of single-tensor all-reduces: ``bw`` from the least-squares slope over the larger half of the sizes
+    (``t = a + 2 (N - 1) / N x bytes / bw``), ``alpha`` from the smallest size, whose time is almost all latency
+    (``t = 2 (N - 1) alpha`` + its small bandwidth term). A line through every size would let the noise of the
+    large transfers decide the intercept."""
+    points = sorted(points)
+    if len(points) < 3 or world < 2:
+        raise BenchError("the all-reduce fit needs at least three sizes on at least two ranks")
+    big = points[len(points) // 2 :]
+    xs, ys = [float(x) for x, _ in big], [y for _, y in big]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    a = my - b * mx
-    alpha = max(a, 0.0) / (2 * (world - 1))
-    bw = (2 * (world - 1) / world) / b if b > 0 else float("inf")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    bw = (2 * (world - 1) / world) / slope if slope > 0 else float("inf")
+    size, t = points[0]
+    alpha = max(t - 2 * (world - 1) / world * size / bw, 0.0) / (2 * (world - 1))
     return alpha, bw
 
 
@@ -241,7 +245,7 @@ def allreduce_part(args: argparse.Namespace, rec: Recorder, work: Path) -> list[
                     "alpha_us": round(alpha * 1e6, 2),
                     "bandwidth_gb_s": round(bw / 1e9, 3),
                     "sizes": [m["bytes"] for m in meta if m["kind"] == "sweep"],
-                    "model": "t = 2(N-1) alpha + 2(N-1)/N x bytes / bw, least squares over the one-tensor sizes",
+                    "model": "t = 2(N-1) alpha + 2(N-1)/N x bytes / bw (bw: the larger sizes; alpha: the smallest)",
                 }
             )
         )

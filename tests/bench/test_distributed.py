@@ -239,7 +239,11 @@ def test_ring_fit_recovers_alpha_and_bandwidth():
     got_alpha, got_bw = distributed.fit_alpha_bandwidth(points, world)
     assert got_alpha == pytest.approx(alpha, rel=1e-6) and got_bw == pytest.approx(bw, rel=1e-6)
     with pytest.raises(distributed.BenchError):
-        distributed.fit_alpha_bandwidth(points[:1], world)
+        distributed.fit_alpha_bandwidth(points[:2], world)
+    # noise on the largest transfer moves the bandwidth a little and leaves the latency alone
+    noisy = [*points[:2], (points[2][0], points[2][1] * 1.2), (64 << 20, 2 * (64 << 20) / 2 / bw)]
+    n_alpha, n_bw = distributed.fit_alpha_bandwidth(noisy, world)
+    assert n_alpha == pytest.approx(alpha, rel=0.05) and 0.7 * bw < n_bw < 1.3 * bw
 
 
 def test_rounds_take_the_slowest_rank():
