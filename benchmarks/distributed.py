@@ -454,6 +454,11 @@ def projection_part(args: argparse.Namespace, rec: Recorder, measured: list[dict
         tps_src = f"median of {len(ones)} one-process run(s) of part b"
     else:
         vm_tps, tps_src = 700.0, "no measurement in this invocation: 700 tokens/s (docs/performance.md, kubetune)"
+    if ones and all(o.get("tokens") and o.get("steps") for o in ones):
+        row_tokens = statistics.median(o["tokens"] / (o["steps"] * args.batch) for o in ones)
+        row_src = "real tokens per packed row in part b's runs"
+    else:
+        row_tokens, row_src = float(args.max_length), "--max-length (packed rows taken as full)"
     records = [
         rec.emit(
             {
@@ -466,7 +471,8 @@ def projection_part(args: argparse.Namespace, rec: Recorder, measured: list[dict
                 "vm_tokens_per_second": vm_tps,
                 "vm_tokens_per_second_source": tps_src,
                 "vm_cores": common.threads_of(0),
-                "tokens_per_row": args.max_length,
+                "tokens_per_row": round(row_tokens, 1),
+                "tokens_per_row_source": row_src,
                 "rows_per_rank_weak": args.batch,
                 "global_batches": args.global_batches,
                 "node_speedup_rule": "C3 physical cores (vCPUs / 2) / this VM's cores x --per-core-factor",
@@ -489,7 +495,7 @@ def projection_part(args: argparse.Namespace, rec: Recorder, measured: list[dict
                     target_modules=targets if isinstance(targets, str) else tuple(targets),
                     vm_tokens_per_second=vm_tps,
                     node_speedup=speedup,
-                    tokens_per_row=args.max_length,
+                    tokens_per_row=row_tokens,
                     rows_per_rank_weak=args.batch,
                     global_batch=g,
                     bandwidth_gbps=gbps,

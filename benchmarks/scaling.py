@@ -275,7 +275,7 @@ class Inputs:
     vm_tokens_per_second: float = 700.0  # measured on this VM for SmolLM2-135M (see benchmarks/distributed.py)
     vm_arch: Arch = field(default_factory=lambda: ARCHITECTURES["SmolLM2-135M"])
     node_speedup: float = 5.5  # a node's tokens/s over this VM's, same model (c3-standard-22: 11 cores vs 2)
-    tokens_per_row: int = 512
+    tokens_per_row: float = 512.0
     rows_per_rank_weak: int = 4  # weak scaling: kubetune's default train.batch_size on every rank
     global_batch: int = 4  # strong scaling: the global batch split across ranks
     micro_batch: int = 1
