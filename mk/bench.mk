@@ -1,6 +1,6 @@
 # Benchmarks (benchmarks/, docs/performance.md). Included by the root Makefile (`-include mk/*.mk`).
 #
-#   make bench                          every section at its default size (under 30 minutes on an idle 2-core box)
+#   make bench                          every section at its default size (about 30 minutes on an idle 2-core box)
 #   make bench-quick                    every section at smoke-test size (a few minutes)
 #   make bench BENCH_ONLY=train,data    some sections
 #   make bench BENCH_OUT=build/bench/mine.jsonl
