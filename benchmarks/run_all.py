@@ -1,6 +1,6 @@
 """Every benchmark in one invocation (what ``make bench`` runs): JSON lines as they come, all tables at the end.
 
-    python -m benchmarks.run_all [--quick] [--only train,memory,data,pipeline] [--out FILE]
+    python -m benchmarks.run_all [--quick] [--only train,memory,data,pipeline,distributed] [--out FILE]
 
 Sections run one after another (never two at once: they would compete for the same cores). A section that fails
 is reported and the others still run; the exit code is 1 if any failed. Options not listed here keep each
@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks import common, data_stages, memory, pipeline_overhead, train_throughput
+from benchmarks import common, data_stages, distributed, memory, pipeline_overhead, train_throughput
 from benchmarks.common import BenchError, Recorder, progress
 
 SECTIONS = {
@@ -21,6 +21,7 @@ SECTIONS = {
     "memory": memory,
     "data": data_stages,
     "pipeline": pipeline_overhead,
+    "distributed": distributed,
 }
 
 
