@@ -772,8 +772,10 @@ class LogFollower:
     def __init__(self, cluster: Cluster, job: str, emit: Callable[[str], None], poll_s: float):
         self.cluster, self.emit, self.poll_s = cluster, emit, poll_s
         self.selector = f"{JOBSET_NAME_LABEL}={job},{REPLICATED_JOB_LABEL}={NODE},{JOB_INDEX_LABEL}=0"
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the TrainJob ended (or the wait did): one last pass, then return
+        self._abort = threading.Event()  # return now
         self._resp: Any = None
+        self._shown: dict[str, int] = {}  # pod uid -> lines shown
         self._thread = threading.Thread(target=self._run, name=f"log-{job}", daemon=True)
 
     def start(self) -> LogFollower:
@@ -785,6 +787,7 @@ class LogFollower:
         self._stop.set()
         self._thread.join(drain_s)
         if self._thread.is_alive():
+            self._abort.set()
             _cut(self._resp)
             self._thread.join(1.0)
 
@@ -793,38 +796,40 @@ class LogFollower:
         return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
 
     def _run(self) -> None:
-        shown: dict[str, int] = {}  # pod uid -> lines shown
         done: set[str] = set()  # pods whose whole log was shown
-        while True:
+        while not self._abort.is_set():
             stopping = self._stop.is_set()
             try:
                 pod = self._rank0()
-                uid = pod["metadata"]["uid"] if pod else None
-                if pod is not None and uid not in done:
+                if pod is not None and pod["metadata"]["uid"] not in done:
                     ended = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-                    shown[uid] = self._stream(pod["metadata"]["name"], skip=shown.get(uid, 0))
+                    self._stream(pod)
                     if ended or self._stop.is_set():
-                        done.add(uid)
+                        done.add(pod["metadata"]["uid"])
             except Exception as err:  # the log is a convenience: never let it break the wait
                 log.debug("following rank 0's log: %s", err)
             if stopping:  # that was the last pass, after the TrainJob ended
                 return
             self._stop.wait(self.poll_s)
 
-    def _stream(self, pod: str, skip: int) -> int:
+    def _stream(self, pod: dict[str, Any]) -> None:
+        """Show the pod's log lines past those shown already, until its stream ends."""
         from kubernetes.watch.watch import iter_resp_lines
 
-        resp = self._resp = self.cluster.follow(pod)
+        uid = pod["metadata"]["uid"]
+        resp = self._resp = self.cluster.follow(pod["metadata"]["name"])
         count = 0
         try:
             for line in iter_resp_lines(resp):
+                if self._abort.is_set():
+                    return
                 count += 1
-                if count > skip:
+                if count > self._shown.get(uid, 0):
                     self.emit(f"[{NODE}-0] {line}")
+                    self._shown[uid] = count
         finally:
             self._resp = None
             resp.close()
-        return max(count, skip)
 
 
 def _cut(resp: Any) -> None:
@@ -979,6 +984,20 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _clean_up(cluster: Cluster, obj: dict[str, Any]) -> None:
+    """Delete this attempt's TrainJob if it is there and this task's pod owns it (never another pod's)."""
+    name = obj["metadata"]["name"]
+    owners = [ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or []]
+    try:
+        job = cluster.get(name)
+        if job is None or (owners and not _owned_by(job, owners[0])):
+            return
+        if cluster.delete(name):
+            log.info("deleted TrainJob %s", name)
+    except KubernetesError as err:  # the owner reference still removes it with the task's pod
+        log.warning("could not delete TrainJob %s: %s", name, err)
+
+
 def run(
     cluster: Cluster,
     obj: dict[str, Any],
@@ -992,7 +1011,6 @@ def run(
     """Submit ``obj``, wait for it, delete it (always, SIGTERM included); the finished job if it is Complete, else
     the error :func:`outcome_error` names (SIGTERM: :class:`TrainJobPreempted`)."""
     name = obj["metadata"]["name"]
-    job: dict[str, Any] | None = None
     asked = time.time()
     terminated = False
     with _sigterm_raises():
@@ -1009,11 +1027,7 @@ def run(
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            try:
-                if cluster.delete(name):
-                    log.info("deleted TrainJob %s", name)
-            except KubernetesError as err:  # the owner reference still removes it with the task's pod
-                log.warning("could not delete TrainJob %s: %s", name, err)
+            _clean_up(cluster, obj)
     assert terminated
     raise TrainJobPreempted(
         f"the train task was stopped (SIGTERM) while TrainJob {name} ran; deleted it (its nodes save a checkpoint "

@@ -425,6 +425,7 @@ def test_a_trainjob_of_the_same_name_owned_by_another_pod_is_not_adopted(kube, i
     kube.store(obj)
     with pytest.raises(trainjob.TrainJobFailed, match="exists and belongs to another pod"):
         go(kube, inputs)
+    assert obj["metadata"]["name"] in kube.trainjobs and not kube.calls("DELETE")  # not ours to delete
 
 
 def test_a_trainjob_left_by_an_earlier_attempt_is_deleted_first(kube, inputs):
@@ -583,3 +584,29 @@ def test_the_train_component_refuses_zero_nodes(kube, inputs, tmp_path):
     with pytest.raises(UserError, match="pipeline parameter `train_nodes`: 0"):
         call_train_component(inputs, tmp_path, train_nodes=0)
     assert not kube.requests
+
+
+def restart_once(kube: FakeKube, job: dict) -> None:
+    """The JobSet restarts (a node failed; the runtime allows a restart): rank 0 is a new pod, then it succeeds."""
+    name = job["metadata"]["name"]
+    first = kube.add_nodes(name, 2)
+    kube.log(first[0], "attempt 0 step 1")
+    time.sleep(0.2)
+    kube.log(first[0], "attempt 0 step 2")
+    for pod in first:
+        kube.end_pod(pod, 1)
+    time.sleep(0.2)
+    second = kube.add_nodes(name, 2, restart=1)
+    kube.log(second[0], "attempt 1 resumed at step 2")
+    time.sleep(0.2)
+    train_for_real_enough(job)
+    for pod in second:
+        kube.end_pod(pod, 0)
+    kube.condition(name, "Complete", "JobSetCompleted")
+
+
+def test_the_log_follows_rank_0_across_a_restart_without_repeating_lines(kube, inputs):
+    kube.controller = restart_once
+    lines: list[str] = []
+    go(kube, inputs, lines)
+    assert lines == ["[node-0] attempt 0 step 1", "[node-0] attempt 0 step 2", "[node-0] attempt 1 resumed at step 2"]
