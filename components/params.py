@@ -96,6 +96,15 @@ PARAMS: tuple[Param, ...] = (
         "MLflow tracking URI. Empty: MLFLOW_TRACKING_URI from the ConfigMap `kubetune-settings` (or config_yaml's).",
     ),
     Param(
+        "train_nodes",
+        None,
+        "Nodes that train together (torch.distributed, one rank per node, on the pool `accelerator` "
+        "picks): 1 trains in the train task's pod; more run a Kubeflow Trainer TrainJob over that many "
+        "nodes, which needs the shared checkpoint volume (compiled with --checkpoint-pvc).",
+        type=int,
+        form=1,
+    ),
+    Param(
         "checkpoint_root",
         None,
         "A path in the train pod that outlives it (the checkpoint PVC mount, or a GCS "

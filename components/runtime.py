@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,22 @@ def checkpoint_dir(checkpoint_root: str, run_id: str) -> str | None:
     if not run_id or "{{" in run_id:
         raise _user_error("pipeline run id is missing; the train task needs it to keep checkpoints per run")
     return f"{root.rstrip('/')}/{run_id}"
+
+
+@contextmanager
+def exit_3_when_preempted() -> Iterator[None]:
+    """Inside: ``kubetune.errors.Preempted`` ends the process with exit code 3 (its message on stderr), the
+    code that means "preempted, a checkpoint is on disk, run again to resume" (KFP's executor would turn the
+    exception into exit 1)."""
+    import sys
+
+    from kubetune.errors import Preempted
+
+    try:
+        yield
+    except Preempted as err:
+        print(f"kubetune: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
 
 
 def publish_markdown(stage_dir: str | Path, filename: str, artifact: Any) -> None:

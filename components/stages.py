@@ -128,6 +128,11 @@ def train(
     packed_dataset: Input[Dataset],
     checkpoint_root: str,
     run_id: str,
+    train_nodes: int,
+    train_pool: str,
+    train_image: str,
+    checkpoint_pvc: str,
+    checkpoint_gcsfuse: bool,
     model: str,
     dataset: str,
     method: str,
@@ -148,21 +153,25 @@ def train(
     adapter: Output[Model],
     train_metrics: Output[Metrics],
 ):
-    """Fine-tune a LoRA / QLoRA adapter on the packed rows (TRL SFTTrainer), resuming from a checkpoint.
+    """Fine-tune a LoRA / QLoRA adapter on the packed rows (TRL SFTTrainer), resuming from a checkpoint; on more
+    than one node through a Kubeflow Trainer TrainJob that this task submits, follows and deletes
+    (pipelines/trainjob.py).
 
     Args:
         packed_dataset: The pack step's output.
         run_id: The pipeline run's id: checkpoints go to <checkpoint_root>/<run_id>, the same folder for every
             retry of this task, so a retry after a preemption resumes instead of starting over.
+        train_pool: The pool this task and its TrainJob's nodes run on (`cpu` or `gpu`), set at compile time.
+        train_image: This task's image, which the TrainJob's nodes run too, set at compile time.
+        checkpoint_pvc: The checkpoint claim mounted in this task ('' for none), which the TrainJob's nodes
+            mount at the same path, set at compile time.
+        checkpoint_gcsfuse: Whether that claim is a GCS FUSE volume (the nodes get GKE's sidecar annotation).
         adapter: Folder with adapter_model.safetensors, adapter_config.json, tokenizer files, base_model.json,
             training_summary.json, config.yaml and manifest.json.
         train_metrics: final_loss, global_step, tokens_seen, train_tokens_per_second, train_seconds, ...
     """
-    import os
-
     from components import runtime
-    from kubetune import hardware
-    from kubetune.train import train as run_train
+    from pipelines import trainjob
 
     cfg = runtime.config_from(
         config_yaml,
@@ -184,7 +193,18 @@ def train(
         registered_model=registered_model,
         mlflow_tracking_uri=mlflow_tracking_uri,
     )
-    out = run_train(cfg, packed_dataset.path, adapter.path, hw=hardware.detect(**hardware.overrides(os.environ)))
+    with runtime.exit_3_when_preempted():
+        out = trainjob.train(
+            cfg,
+            packed_dataset.path,
+            adapter.path,
+            nodes=train_nodes,
+            pool=train_pool,
+            image=train_image,
+            checkpoint_pvc=checkpoint_pvc,
+            checkpoint_gcsfuse=checkpoint_gcsfuse,
+            run_id=run_id,
+        )
     runtime.annotate(adapter, out, base_model=cfg.model.name_or_path, method=cfg.method)
     runtime.log_metrics(train_metrics, runtime.read_json(out, "training_summary.json"))
 

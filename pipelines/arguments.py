@@ -59,10 +59,12 @@ def pipeline_arguments(
     checkpoint_root: str = "",
     force: bool = False,
     refresh_data: bool = False,
+    train_nodes: int = 1,
 ) -> dict[str, Any]:
     """The pipeline's arguments for a config (see the module docstring)."""
     if accelerator not in ACCELERATORS:
         raise UserError(f"--accelerator {accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
+    check_train_nodes(train_nodes)
     for key, what in (("model.name_or_path", "the base model"), ("data.path", "the dataset")):
         if not _get(cfg, key):
             raise ConfigError(f"config key `{key}`: empty; set {what} in the config file or with --set {key}=...")
@@ -79,8 +81,18 @@ def pipeline_arguments(
         checkpoint_root=checkpoint_root,
         force=force,
         refresh_data=refresh_data,
+        train_nodes=train_nodes,
     )
     return arguments
+
+
+def check_train_nodes(train_nodes: Any) -> int:
+    """``--train-nodes`` as a node count >= 1, else a UserError (the train task checks it again)."""
+    if isinstance(train_nodes, bool) or not isinstance(train_nodes, int) or train_nodes < 1:
+        raise UserError(
+            f"--train-nodes {train_nodes!r}: expected a node count of 1 or more (1 trains in the train task's pod)"
+        )
+    return train_nodes
 
 
 def check_for_cluster(cfg: Config) -> list[str]:

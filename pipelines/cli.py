@@ -70,6 +70,16 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--force", action="store_true", help="train even when the data is the champion's")
 
 
+def _train_nodes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--train-nodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train_nodes parameter: nodes that train together (default 1; more run a Kubeflow Trainer TrainJob)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune pipeline",
@@ -123,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pipeline", help="run the latest version of this uploaded pipeline (default kubetune-sft)")
     src.add_argument("--file", help="run this compiled pipeline file instead of an uploaded one")
     p.add_argument("--checkpoint-root", default=None, help="checkpoint_root parameter (a path in the train pod)")
+    _train_nodes(p)
     p.add_argument("--refresh-data", action="store_true", help="re-read the data even if prepare is cached")
 
     p = sub.add_parser("schedule", help="create or update a recurring run (idempotent by name)")
@@ -138,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="uploaded pipeline to run (default kubetune-sft); runs follow its latest version",
     )
     p.add_argument("--checkpoint-root", default=None, help="checkpoint_root parameter (a path in the train pod)")
+    _train_nodes(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--pause", action="store_true", help="pause the recurring run")
     act.add_argument("--resume", action="store_true", help="resume the recurring run")
@@ -197,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _arguments(args: argparse.Namespace, *, refresh_data: bool) -> dict:
-    from pipelines.arguments import check_for_cluster, load_config, pipeline_arguments
+    from pipelines.arguments import check_for_cluster, check_train_nodes, load_config, pipeline_arguments
 
     if args.config is None and args.set:
         raise UserError("--set needs --config (the named parameters come from a whole config)")
@@ -206,6 +218,8 @@ def _arguments(args: argparse.Namespace, *, refresh_data: bool) -> dict:
         arguments = {"accelerator": args.accelerator, "force": args.force, "refresh_data": refresh_data}
         if args.checkpoint_root is not None:
             arguments["checkpoint_root"] = args.checkpoint_root
+        if args.train_nodes is not None:
+            arguments["train_nodes"] = check_train_nodes(args.train_nodes)
         return arguments
     raw, cfg = load_config(args.config, args.set)
     for warning in check_for_cluster(cfg):
@@ -217,6 +231,7 @@ def _arguments(args: argparse.Namespace, *, refresh_data: bool) -> dict:
         force=args.force,
         checkpoint_root=args.checkpoint_root or "",
         refresh_data=refresh_data,
+        train_nodes=1 if args.train_nodes is None else args.train_nodes,
     )
     if args.checkpoint_root is None:
         del arguments["checkpoint_root"]  # keep the compiled default (the checkpoint PVC mount, if any)

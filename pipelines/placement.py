@@ -44,6 +44,14 @@ POOLS: dict[str, dict[str, str]] = {
 TRAINING_RUNTIMES: dict[str, str] = {"cpu": "kubetune-torch-cpu", "gpu": "kubetune-torch-gpu"}
 TRAINJOB_CONTAINER = "node"  # the torch runtime's trainer container (replicated job "node")
 
+# What the train pods get besides placement, shared by the single-node train task (pipelines/sft_pipeline.py) and
+# the TrainJob's pods (pipelines/trainjob.py). Secrets never enter a spec: Kubernetes resolves these references
+# when a pod starts.
+HF_SECRET = ("hf-token", "HF_TOKEN")  # Secret name, key (exposed to the pod as env HF_TOKEN)
+SETTINGS_CONFIGMAP = ("kubetune-settings", "MLFLOW_TRACKING_URI")  # ConfigMap name, key (same env name)
+GCSFUSE_ANNOTATION = ("gke-gcsfuse/volumes", "true")  # GKE injects the GCS FUSE sidecar into such pods
+CHECKPOINT_MOUNT = "/mnt/kubetune-checkpoints"  # where --checkpoint-pvc is mounted in the train pods
+
 # The GPU the train-on-GPU task asks for. KFP turns the accelerator type into the container's resource limit
 # name (limits: {nvidia.com/gpu: 1}), so the type is the device plugin's resource name, not a GPU model: which
 # GPU (L4 by default) is the GPU pool's business, and the pool label already selects it.
@@ -73,26 +81,37 @@ def taint(pool: str) -> str:
     return f"{p['label_key']}={p['label_value']}:{p['taint_effect']}"
 
 
+def node_selector(pool: str) -> dict[str, str]:
+    """The node selector that puts a pod on ``pool``: ``{kubetune.io/pool: <value>}``."""
+    p = POOLS[pool]
+    return {p["label_key"]: p["label_value"]}
+
+
+def tolerations(pool: str) -> list[dict[str, str]]:
+    """The tolerations a pod on ``pool`` needs: the pool taint, and on the GPU pool GKE's GPU taint too (GKE taints
+    GPU nodes nvidia.com/gpu=present:NoSchedule; tolerated explicitly rather than relying on the
+    ExtendedResourceToleration admission plugin being on)."""
+    p = POOLS[pool]
+    out = [{"key": p["label_key"], "operator": "Equal", "value": p["label_value"], "effect": p["taint_effect"]}]
+    if pool == "gpu":
+        out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return out
+
+
 def on_pool(task: Any, pool: str) -> Any:
-    """Pin ``task`` to ``pool``: node selector on the pool label and a toleration of the pool taint."""
+    """Pin ``task`` to ``pool``: :func:`node_selector` and :func:`tolerations`."""
     from kfp import kubernetes
 
-    p = POOLS[pool]
-    kubernetes.add_node_selector(task, label_key=p["label_key"], label_value=p["label_value"])
-    kubernetes.add_toleration(
-        task, key=p["label_key"], operator="Equal", value=p["label_value"], effect=p["taint_effect"]
-    )
+    for key, value in node_selector(pool).items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in tolerations(pool):
+        kubernetes.add_toleration(task, **toleration)
     return task
 
 
 def on_gpu(task: Any) -> Any:
-    """GPU pool and one GPU: pool selector and toleration, the GPU limit, GKE's GPU taint tolerated."""
-    from kfp import kubernetes
-
+    """GPU pool and one GPU: pool selector, the pool's tolerations (GKE's GPU taint among them), the GPU limit."""
     on_pool(task, "gpu")
-    # GKE taints GPU nodes nvidia.com/gpu=present:NoSchedule; tolerate it explicitly rather than rely on the
-    # ExtendedResourceToleration admission plugin being on.
-    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     task.set_accelerator_type(GPU_RESOURCE)
     task.set_accelerator_limit(GPU_COUNT)
     return task

@@ -7,6 +7,7 @@ Graph (task names as compiled; display names in the UI in brackets)::
     check-unchanged [Check for new data]            verdict `unchanged` (and no force): the run ends here
     pack [Pack]                                     (cached)
     accelerator?   train-gpu [Train on GPU]  |  train-cpu [Train on CPU (C3)]      retries with backoff
+                   (train_nodes > 1: the task runs a Kubeflow Trainer TrainJob on its pool, pipelines/trainjob.py)
                             \\_____ adapter (dsl.OneOf) _____/
     evaluate [Evaluate]  ->  register [Register]
 
@@ -38,12 +39,14 @@ PIPELINE_DESCRIPTION = (
     "evaluate -> register in MLflow with a promotion gate."
 )
 
-HF_SECRET = ("hf-token", "HF_TOKEN")  # Secret name, key (exposed to the pod as env HF_TOKEN)
-SETTINGS_CONFIGMAP = ("kubetune-settings", "MLFLOW_TRACKING_URI")  # ConfigMap name, key (same env name)
+# The HF_TOKEN Secret, the settings ConfigMap, the checkpoint mount and the GCS FUSE annotation are defined in
+# pipelines.placement (the TrainJob of a multi-node run gives its pods the same ones) and named here too.
+HF_SECRET = placement.HF_SECRET
+SETTINGS_CONFIGMAP = placement.SETTINGS_CONFIGMAP
+GCSFUSE_ANNOTATION = placement.GCSFUSE_ANNOTATION
+CHECKPOINT_MOUNT = placement.CHECKPOINT_MOUNT
 # MLflow's basic-auth user for the pipeline (created by `make secrets`), for the tasks that talk to MLflow.
 MLFLOW_SECRET = ("mlflow-client", ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
-GCSFUSE_ANNOTATION = ("gke-gcsfuse/volumes", "true")  # GKE injects the GCS FUSE sidecar into such pods
-CHECKPOINT_MOUNT = "/mnt/kubetune-checkpoints"  # where --checkpoint-pvc is mounted in the train pods
 
 # Preemptible (Spot) nodes: a preempted train pod saves a checkpoint on SIGTERM and exits 3; KFP starts it
 # again after 1, 2, 4 minutes. The retry window must outlast a long training run, hence 24h (Argo's default is
@@ -158,18 +161,27 @@ def build_pipeline(
                 **reads("train"),
                 "checkpoint_root": p["checkpoint_root"],
                 "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                "train_nodes": p["train_nodes"],
+                # Compile-time facts the task hands to its TrainJob when train_nodes > 1 (pipelines/trainjob.py).
+                "checkpoint_pvc": checkpoint_pvc or "",
+                "checkpoint_gcsfuse": checkpoint_gcsfuse,
                 **config,
             }
             with dsl.If(p["accelerator"] == "gpu", name="train-on-gpu"):
                 on_gpu = _task(
-                    c.train_gpu(**train_args),
+                    c.train_gpu(**train_args, train_pool="gpu", train_image=images.gpu),
                     stage="train-gpu",
                     display="Train on GPU",
                     cache=False,
                     gpu=True,
                 )
             with dsl.Else(name="train-on-cpu"):
-                on_cpu = _task(c.train_cpu(**train_args), stage="train-cpu", display="Train on CPU (C3)", cache=False)
+                on_cpu = _task(
+                    c.train_cpu(**train_args, train_pool="cpu", train_image=images.cpu),
+                    stage="train-cpu",
+                    display="Train on CPU (C3)",
+                    cache=False,
+                )
             for train in (on_gpu, on_cpu):
                 train.set_retry(**TRAIN_RETRY)
                 if checkpoint_pvc:

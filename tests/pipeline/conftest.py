@@ -1,9 +1,11 @@
-"""Fixtures for the pipeline tests: the compiled pipeline, and a small fake KFP API server.
+"""Fixtures for the pipeline tests: the compiled pipeline, a small fake KFP API server and a fake Kubernetes API.
 
 No KFP API server can run here, so :class:`FakeKfp` implements the KFP v2beta1 endpoints that kfp 2.17.3's
 ``kfp.Client`` calls for upload / submit / schedule (listed in pipelines/client.py), keeps their state in
 memory like the real server (pipelines, versions, experiments, runs, recurring runs), records every request,
-and can be told to fail a route with a given HTTP status.
+and can be told to fail a route with a given HTTP status. :class:`FakeKube` does the same for the Kubernetes
+endpoints that a multi-node train task calls (pipelines/trainjob.py), with a pluggable stand-in for Kubeflow
+Trainer's controller.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -273,3 +276,289 @@ def config_file(tmp_path) -> Path:
         "tracking:\n  uri: http://mlflow.kubetune.svc:5000\n  experiment: nightly\n"
     )
     return path
+
+
+# --- a fake Kubernetes API for the TrainJob of a multi-node run ----------------------------------------------------
+
+TRAINJOBS = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs(?:/(?P<name>[^/]+))?")
+PODS = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+)(?P<log>/log)?)?")
+
+
+def _selects(selector: str | None, labels: dict[str, str]) -> bool:
+    """Equality-based label selectors (``k=v,k2=v2``), the only kind pipelines/trainjob.py sends."""
+    for term in filter(None, (selector or "").split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": reason,
+        "message": message,
+        "code": code,
+    }
+
+
+class FakeKube:
+    """An in-memory Kubernetes API on 127.0.0.1 with the endpoints pipelines/trainjob.py calls, and no others:
+    TrainJobs (create, get, list by label, delete), pods (get, list by label) and pod logs (read, tail, follow as
+    a chunked stream, as the API server sends it). Deleting a TrainJob deletes its pods (the garbage collector's
+    work). ``controller(fake, trainjob)``, when set, plays Kubeflow Trainer: it is called in a thread after each
+    create. Every request is recorded; :meth:`fail` makes the next matching request answer an error."""
+
+    def __init__(self, namespace: str = "kubeflow") -> None:
+        self.namespace = namespace
+        self.requests: list[Request] = []
+        self.trainjobs: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.controller = None
+        self.threads: list[threading.Thread] = []
+        self.closing = threading.Event()
+        self._failures: list[tuple[str, re.Pattern, int]] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # chunked log streams
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                status, payload = fake._dispatch(self)
+                if callable(payload):  # a log stream
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for chunk in payload():
+                        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                text = isinstance(payload, str)
+                data = payload.encode() if text else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain" if text else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    # --- test controls ----------------------------------------------------------------------------
+
+    def fail(self, method: str, path_regex: str, status: int) -> None:
+        self._failures.append((method, re.compile(path_regex), status))
+
+    def calls(self, method: str | None = None, path_regex: str = ".*") -> list[Request]:
+        return [r for r in self.requests if (method is None or r.method == method) and re.search(path_regex, r.path)]
+
+    def endpoints(self) -> set[str]:
+        """The kinds of request made: ``METHOD route`` with names replaced by ``{name}``."""
+        out = set()
+        for r in self.requests:
+            path = re.sub(r"/(trainjobs|pods)/[^/]+", r"/\1/{name}", r.path)
+            extra = " follow" if r.query.get("follow", "").lower() == "true" else ""
+            out.add(f"{r.method} {re.sub(r'/namespaces/[^/]+/', '/namespaces/{ns}/', path)}{extra}")
+        return out
+
+    def add_pod(
+        self,
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        phase: str = "Running",
+        service_account: str = "default",
+    ) -> dict[str, Any]:
+        with self._lock:
+            n = next(self._ids)
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": self.namespace,
+                    "uid": f"00000000-0000-4000-8000-{n:012d}",
+                    "labels": dict(labels or {}),
+                    "creationTimestamp": f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}Z",
+                },
+                "spec": {"serviceAccountName": service_account, "containers": [{"name": "node"}]},
+                "status": {"phase": phase},
+            }
+            self.pods[name] = pod
+            self.logs.setdefault(name, [])
+            return pod
+
+    def add_nodes(self, job: str, count: int, restart: int = 0) -> list[str]:
+        """The pods Trainer's JobSet makes for ``job``: one per node, labelled as the JobSet and Job controllers do."""
+        names = []
+        for index in range(count):
+            name = f"{job}-node-{restart}-{index}-x{index}"
+            labels = {
+                "jobset.sigs.k8s.io/jobset-name": job,
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "jobset.sigs.k8s.io/restart-attempt": str(restart),
+                "batch.kubernetes.io/job-completion-index": str(index),
+            }
+            self.add_pod(name, labels=labels)
+            names.append(name)
+        return names
+
+    def log(self, pod: str, *lines: str) -> None:
+        with self._lock:
+            self.logs[pod].extend(lines)
+
+    def end_pod(self, pod: str, exit_code: int, *, reason: str | None = None, finished_at: str = "") -> None:
+        with self._lock:
+            status = self.pods[pod]["status"]
+            status["phase"] = "Succeeded" if exit_code == 0 else "Failed"
+            terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error")}
+            if finished_at:
+                terminated["finishedAt"] = finished_at
+            status["containerStatuses"] = [{"name": "node", "state": {"terminated": terminated}}]
+
+    def disrupt(self, pod: str, reason: str = "EvictionByEvictionAPI") -> None:
+        with self._lock:
+            self.pods[pod]["status"].setdefault("conditions", []).append(
+                {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "node drained"}
+            )
+
+    def condition(self, job: str, type_: str, reason: str, message: str = "") -> None:
+        with self._lock:
+            status = self.trainjobs[job].setdefault("status", {})
+            status.setdefault("conditions", []).append(
+                {"type": type_, "status": "True", "reason": reason, "message": message}
+            )
+
+    def store(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Put a TrainJob in as the API server would (uid, creation time), without calling the controller."""
+        with self._lock:
+            obj = json.loads(json.dumps(obj))
+            meta = obj["metadata"]
+            meta.setdefault("namespace", self.namespace)
+            meta["uid"] = f"11111111-0000-4000-8000-{next(self._ids):012d}"
+            meta["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.trainjobs[meta["name"]] = obj
+            return obj
+
+    # --- the API ----------------------------------------------------------------------------------
+
+    def _dispatch(self, handler: BaseHTTPRequestHandler) -> tuple[int, Any]:
+        parts = urlsplit(handler.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        request = Request(handler.command, parts.path, query, {k.lower(): v for k, v in handler.headers.items()})
+        if raw:
+            request.body = json.loads(raw)
+        with self._lock:
+            self.requests.append(request)
+            for i, (method, pattern, status) in enumerate(self._failures):
+                if method == request.method and pattern.search(request.path):
+                    del self._failures[i]
+                    return status, _status(status, "InternalError", "injected failure")
+            return self._route(request)
+
+    def _route(self, r: Request) -> tuple[int, Any]:
+        m = TRAINJOBS.fullmatch(r.path)
+        if m:
+            return self._trainjobs(r, m["name"])
+        m = PODS.fullmatch(r.path)
+        if m and r.method == "GET":
+            if m["name"] is None:
+                items = [
+                    p for p in self.pods.values() if _selects(r.query.get("labelSelector"), p["metadata"]["labels"])
+                ]
+                return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
+            if m["name"] not in self.pods:
+                return 404, _status(404, "NotFound", f'pods "{m["name"]}" not found')
+            if m["log"]:
+                return self._log(m["name"], r.query)
+            return 200, self.pods[m["name"]]
+        return 404, _status(404, "NotFound", f"no route {r.method} {r.path}")
+
+    def _trainjobs(self, r: Request, name: str | None) -> tuple[int, Any]:
+        if r.method == "POST" and name is None:
+            body = r.body
+            assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob", body
+            if body["metadata"]["name"] in self.trainjobs:
+                return 409, _status(409, "AlreadyExists", f'trainjobs "{body["metadata"]["name"]}" already exists')
+            obj = self.store(body)
+            if self.controller is not None:
+                t = threading.Thread(target=self.controller, args=(self, obj), daemon=True)
+                self.threads.append(t)
+                t.start()
+            return 201, obj
+        if r.method == "GET" and name is None:
+            items = [
+                j for j in self.trainjobs.values() if _selects(r.query.get("labelSelector"), j["metadata"]["labels"])
+            ]
+            return 200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJobList", "items": items}
+        if name not in self.trainjobs:
+            return 404, _status(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found')
+        if r.method == "GET":
+            return 200, self.trainjobs[name]
+        if r.method == "DELETE":
+            del self.trainjobs[name]
+            for pod in [
+                p for p, v in self.pods.items() if v["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name
+            ]:
+                del self.pods[pod]
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        return 405, _status(405, "MethodNotAllowed", r.method)
+
+    def _log(self, pod: str, query: dict[str, str]) -> tuple[int, Any]:
+        assert query.get("container") == "node", query
+        lines = list(self.logs[pod])
+        if query.get("follow", "").lower() != "true":
+            tail = int(query.get("tailLines") or 0)
+            shown = lines[-tail:] if tail else lines
+            return 200, "".join(f"{line}\n" for line in shown)
+
+        def stream():
+            sent = 0
+            while True:
+                with self._lock:
+                    current = list(self.logs.get(pod, []))
+                    gone = pod not in self.pods or self.pods[pod]["status"]["phase"] in ("Succeeded", "Failed")
+                if sent < len(current):
+                    yield "".join(f"{line}\n" for line in current[sent:]).encode()
+                    sent = len(current)
+                elif gone or self.closing.is_set():
+                    return
+                else:
+                    time.sleep(0.01)
+
+        return 200, stream
+
+
+@pytest.fixture
+def kube():
+    """A running :class:`FakeKube` with the train task's own pod in it (see :data:`OWN_POD`)."""
+    server = FakeKube()
+    server.add_pod(OWN_POD["KFP_POD_NAME"], service_account="kubetune-pipeline")
+    server.pods[OWN_POD["KFP_POD_NAME"]]["metadata"]["uid"] = OWN_POD["KFP_POD_UID"]
+    server.thread.start()
+    yield server
+    server.closing.set()
+    server.server.shutdown()
+    server.server.server_close()
+
+
+# The KFP executor pod of the train task: the variables KFP's backend sets on it (fieldRef metadata.name / uid).
+OWN_POD = {
+    "KFP_POD_NAME": "kubetune-sft-abcde-system-container-impl-123",
+    "KFP_POD_UID": "3f5e2a10-9c1d-4b7e-8a2f-5d6c7b8a9e0f",
+}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from components.params import CONFIG_KEYS, PARAMS
 from components.runtime import build_config
 from kubetune.config import load
+from kubetune.errors import UserError
 from pipelines import cli
 from pipelines.arguments import check_for_cluster, load_config, pipeline_arguments
 
@@ -22,6 +24,15 @@ def test_arguments_rebuild_exactly_the_config(config_file):
     assert set(arguments) == {p.name for p in PARAMS}
     assert arguments["accelerator"] == "gpu" and arguments["force"] is True
     assert arguments["checkpoint_root"] == "/mnt/c" and arguments["refresh_data"] is False
+
+
+def test_train_nodes_defaults_to_one_and_must_be_a_node_count(config_file):
+    raw, cfg = load_config(config_file)
+    assert pipeline_arguments(raw, cfg)["train_nodes"] == 1
+    assert pipeline_arguments(raw, cfg, train_nodes=8)["train_nodes"] == 8
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(UserError, match="--train-nodes"):
+            pipeline_arguments(raw, cfg, train_nodes=bad)
 
 
 def test_named_keys_leave_config_yaml(config_file):

@@ -385,3 +385,14 @@ def test_a_host_that_never_answers_times_out(compiled, capsys):
 def test_not_a_kfp_api(kfp_server, compiled, capsys, monkeypatch):
     code, _, err = run_cli(capsys, "upload", "--host", "localhost:8080", "--file", compiled)
     assert code == 2 and "expected the KFP API base URL" in one_line(err)
+
+
+def test_submit_sends_train_nodes(kfp_server, compiled, config_file, capsys):
+    assert upload(capsys, kfp_server, compiled)[0] == 0
+    code, _, err = run_cli(capsys, "submit", "--host", kfp_server.url, "--config", config_file, "--train-nodes", "4")
+    assert code == 0, err
+    (run_post,) = kfp_server.calls("POST", "/runs$")
+    assert run_post.body["runtime_config"]["parameters"]["train_nodes"] == 4
+    code, _, err = run_cli(capsys, "submit", "--host", kfp_server.url, "--train-nodes", "0")
+    assert code == 2 and "--train-nodes 0: expected a node count of 1 or more" in err
+    assert len(kfp_server.calls("POST", "/runs$")) == 1

@@ -319,3 +319,38 @@ def test_checkpoint_pvc_is_mounted_on_the_train_tasks_only(tmp_path):
 def test_compilation_is_deterministic(compiled, tmp_path, images):
     again = compile_pipeline(tmp_path / "again.yaml", images)
     assert again.read_text() == compiled.read_text()
+
+
+def test_train_nodes_is_a_run_parameter_that_reaches_both_train_tasks(spec, images):
+    pipeline_spec, _ = spec
+    inputs = pipeline_spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["train_nodes"]["parameterType"] == "NUMBER_INTEGER"
+    assert inputs["train_nodes"]["defaultValue"] == 1  # one node: the train task trains in its own pod, as before
+    leaves = tasks_by_path(pipeline_spec)
+    for task, pool, image in (("train-cpu", "cpu", images.cpu), ("train-gpu", "gpu", images.gpu)):
+        params = leaves[task][1]["inputs"]["parameters"]
+        assert params["train_nodes"] == {"componentInputParameter": "pipelinechannel--train_nodes"}, task
+        # what the task hands to its TrainJob: its own pool and image, the checkpoint claim (none compiled here)
+        assert params["train_pool"] == {"runtimeValue": {"constant": pool}}, task
+        assert params["train_image"] == {"runtimeValue": {"constant": image}}, task
+        assert params["checkpoint_pvc"] == {"runtimeValue": {"constant": ""}}, task
+        assert params["checkpoint_gcsfuse"] == {"runtimeValue": {"constant": False}}, task
+        component = pipeline_spec["components"][leaves[task][1]["componentRef"]["name"]]
+        described = component["inputDefinitions"]["parameters"]
+        assert described["train_nodes"]["description"] == inputs["train_nodes"]["description"]
+        assert "TrainJob" in described["train_image"]["description"]
+    for name, (_, task) in leaves.items():
+        if not name.startswith("train-"):
+            assert "train_nodes" not in task.get("inputs", {}).get("parameters", {}), name
+
+
+def test_the_train_tasks_know_the_checkpoint_claim_they_mount(tmp_path):
+    text = compile_pipeline(
+        tmp_path / "p.yaml", checkpoint_pvc="kubetune-checkpoints", checkpoint_gcsfuse=True
+    ).read_text()
+    pipeline_spec, _ = yaml.safe_load_all(text)
+    leaves = tasks_by_path(pipeline_spec)
+    for task in ("train-cpu", "train-gpu"):
+        params = leaves[task][1]["inputs"]["parameters"]
+        assert params["checkpoint_pvc"] == {"runtimeValue": {"constant": "kubetune-checkpoints"}}, task
+        assert params["checkpoint_gcsfuse"] == {"runtimeValue": {"constant": True}}, task
