@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import re
 import typing
 
 import pytest
@@ -402,12 +403,32 @@ def test_the_trainjob_role_grants_exactly_what_the_train_task_uses(rendered):
             for resource in rule["resources"]
             for verb in rule["verbs"]
         }
-        assert granted == {
-            *(("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "list", "watch", "delete")),
-            *(("", "pods", v) for v in ("get", "list", "watch")),
-            ("", "pods/log", "get"),
-        }
+        assert granted == _calls_of_the_train_task()
         assert not [r for r in role["rules"] if "resourceNames" in r]
+
+
+# kubernetes client method of pipelines/trainjob.py -> (API group, resource, RBAC verb) it needs.
+_CLIENT_CALLS = {
+    "create_namespaced_custom_object": ("trainer.kubeflow.org", "trainjobs", "create"),
+    "get_namespaced_custom_object": ("trainer.kubeflow.org", "trainjobs", "get"),
+    "list_namespaced_custom_object": ("trainer.kubeflow.org", "trainjobs", "list"),
+    "delete_namespaced_custom_object": ("trainer.kubeflow.org", "trainjobs", "delete"),
+    "read_namespaced_pod": ("", "pods", "get"),
+    "list_namespaced_pod": ("", "pods", "list"),
+    "read_namespaced_pod_log": ("", "pods/log", "get"),
+}
+
+
+def _calls_of_the_train_task() -> set[tuple[str, str, str]]:
+    """The permissions the train task's code asks for: every kubernetes client method it calls, read from
+    pipelines/trainjob.py (a method this table does not know fails the test, so a new call cannot go unnoticed)."""
+    source = (ROOT / "pipelines" / "trainjob.py").read_text(encoding="utf-8")
+    called = set(re.findall(r"self\.(?:custom|core)\.(\w+)", source))
+    assert called, "no kubernetes client calls found in pipelines/trainjob.py"
+    unknown = called - set(_CLIENT_CALLS)
+    assert not unknown, f"add the RBAC these calls need to _CLIENT_CALLS and manifests/base/trainer: {unknown}"
+    assert not re.search(r"\bwatch=True|Watch\(\)", source), "the train task watches: grant watch"
+    return {_CLIENT_CALLS[m] for m in called}
 
 
 def test_the_rbac_evaluation_can_fail(rendered):
@@ -447,3 +468,47 @@ def test_the_core_part_check_can_fail(rendered, tmp_path):
     ]
     (error,) = _kubernetes_validate(trainer_schema.core_objects(CTR, runtime), tmp_path)
     assert "'resource' was unexpected" in error
+
+
+# --- the TrainJobs the pipeline's train task builds (pipelines.trainjob.build) ----------------------------------
+
+
+def _built(pool: str, nodes: int, *, gcsfuse: bool) -> dict:
+    from pipelines import trainjob
+
+    owner = trainjob.Owner(
+        name="kubetune-sft-abc12-train-cpu-1234",
+        uid="0a1b2c3d-0000-4000-8000-000000000001",
+        service_account=placement.KFP_DEFAULT_SERVICE_ACCOUNT,
+    )
+    return trainjob.build(
+        nodes,
+        pool,
+        name=trainjob.job_name("run-7f3e9c", owner.attempt),
+        image=f"us-central1-docker.pkg.dev/acme-ml/kubetune/kubetune-{pool}:t1",
+        checkpoint_pvc="kubetune-checkpoints",
+        checkpoint_gcsfuse=gcsfuse,
+        work_dir=f"{placement.CHECKPOINT_MOUNT}/run-7f3e9c/trainjob",
+        owner=owner,
+        run_id="run-7f3e9c",
+    )
+
+
+@pytest.mark.parametrize("gcsfuse", [False, True])
+@pytest.mark.parametrize("pool", sorted(placement.TRAINING_RUNTIMES))
+@pytest.mark.parametrize("nodes", [1, 2, 8])
+def test_the_pipelines_trainjob_validates_against_the_release_schema(pool, nodes, gcsfuse, tmp_path):
+    job = _built(pool, nodes, gcsfuse=gcsfuse)
+    assert trainer_schema.validate("TrainJob", job) == []
+    assert _kubernetes_validate(trainer_schema.core_objects("TrainJob", job), tmp_path) == []
+    assert job["spec"]["trainer"]["numNodes"] == nodes
+    assert job["spec"]["runtimeRef"]["name"] == placement.TRAINING_RUNTIMES[pool]
+
+
+def test_the_pipelines_trainjob_runs_on_a_runtime_the_overlays_ship(rendered):
+    for objects in rendered.values():
+        shipped = _runtimes(objects)
+        for pool in placement.TRAINING_RUNTIMES:
+            job = _built(pool, 2, gcsfuse=True)
+            runtime = shipped[job["spec"]["runtimeRef"]["name"]]
+            assert runtime["metadata"]["labels"][placement.POOL_LABEL_KEY] == placement.POOLS[pool]["label_value"]
