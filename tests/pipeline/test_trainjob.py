@@ -591,11 +591,11 @@ def restart_once(kube: FakeKube, job: dict) -> None:
     name = job["metadata"]["name"]
     first = kube.add_nodes(name, 2)
     kube.log(first[0], "attempt 0 step 1")
-    time.sleep(0.2)
+    time.sleep(0.3)
     kube.log(first[0], "attempt 0 step 2")
     for pod in first:
         kube.end_pod(pod, 1)
-    time.sleep(0.2)
+    time.sleep(0.5)  # the follower (polling every 0.05 s) has read the ended pod to its end
     second = kube.add_nodes(name, 2, restart=1)
     kube.log(second[0], "attempt 1 resumed at step 2")
     time.sleep(0.2)
