@@ -19,7 +19,8 @@ from kubetune import artifacts
 from kubetune.config import Config, load
 from kubetune.errors import EXIT_PREEMPTED, Preempted, UserError
 from pipelines import placement, trainjob
-from tests.pipeline.conftest import OWN_POD, FakeKube
+
+from .conftest import OWN_POD, FakeKube
 
 IMAGE = "registry.example.com/team/kubetune-cpu:1.2.3"
 RUN_ID = "6b1f2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -591,22 +592,31 @@ def restart_once(kube: FakeKube, job: dict) -> None:
     name = job["metadata"]["name"]
     first = kube.add_nodes(name, 2)
     kube.log(first[0], "attempt 0 step 1")
-    time.sleep(0.3)
+    _until_shown(kube, 1)
     kube.log(first[0], "attempt 0 step 2")
     for pod in first:
         kube.end_pod(pod, 1)
-    time.sleep(0.5)  # the follower (polling every 0.05 s) has read the ended pod to its end
+    _until_shown(kube, 2)  # the follower has read the ended pod to its end before the new rank 0 appears
     second = kube.add_nodes(name, 2, restart=1)
     kube.log(second[0], "attempt 1 resumed at step 2")
-    time.sleep(0.2)
+    _until_shown(kube, 3)
     train_for_real_enough(job)
     for pod in second:
         kube.end_pod(pod, 0)
     kube.condition(name, "Complete", "JobSetCompleted")
 
 
+def _until_shown(kube: FakeKube, n: int, timeout_s: float = 30.0) -> None:
+    """Wait until the task has shown ``n`` log lines (``kube.shown``, the test's list), instead of guessing a delay."""
+    deadline = time.monotonic() + timeout_s
+    while len(kube.shown) < n:
+        assert time.monotonic() < deadline, f"the task showed {kube.shown} of {n} log lines within {timeout_s} s"
+        time.sleep(0.02)
+
+
 def test_the_log_follows_rank_0_across_a_restart_without_repeating_lines(kube, inputs):
     kube.controller = restart_once
     lines: list[str] = []
+    kube.shown = lines
     go(kube, inputs, lines)
     assert lines == ["[node-0] attempt 0 step 1", "[node-0] attempt 0 step 2", "[node-0] attempt 1 resumed at step 2"]
