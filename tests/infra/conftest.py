@@ -91,6 +91,32 @@ def render(overlay_dir: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+_KUBERNETES_VALIDATE = """
+import json, sys
+import kubernetes_validate
+errors = []
+for doc in json.load(open(sys.argv[1])):
+    # Kubeflow Trainer's kinds have no schema here: tests/infra/test_trainer.py validates them.
+    if not doc or doc.get("apiVersion", "").startswith("trainer.kubeflow.org/"):
+        continue
+    try:
+        kubernetes_validate.validate(doc, sys.argv[2], strict=True)
+    except Exception as e:
+        errors.append(f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {e}")
+print(json.dumps(errors))
+"""
+
+
+def kubernetes_validate(objects: list[dict], tmp_path: Path, name: str = "objects") -> list[str]:
+    """kubernetes-validate (in .venv-infra, strict) of ``objects`` against Kubernetes K8S_VERSION: one line per
+    object it refuses, empty when all validate."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(objects))
+    result = run([venv_tool(INFRA_VENV, "python"), "-c", _KUBERNETES_VALIDATE, path, K8S_VERSION])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def find(objects: list[dict], kind: str, name: str) -> dict:
     """The object of ``kind`` whose name is ``name`` (or starts with ``name-`` for hashed ConfigMaps)."""
     for obj in objects:

@@ -5,7 +5,6 @@ checkov-clean, and carries the settings the design asks for. The KFP install is 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -20,36 +19,19 @@ import pytest
 import yaml
 
 from .conftest import (
-    INFRA_VENV,
     K8S_VERSION,
     OVERLAYS,
     ROOT,
     assert_clean,
     checkov,
     find,
+    kubernetes_validate,
     render,
-    run,
-    venv_tool,
 )
 
 pytestmark = pytest.mark.infra
 
 MLFLOW_URI = "http://mlflow.kubetune.svc.cluster.local:5000"
-
-_VALIDATE = """
-import json, sys
-import kubernetes_validate, yaml
-errors = []
-for doc in yaml.safe_load_all(open(sys.argv[1])):
-    # Kubeflow Trainer's kinds have no schema here: tests/infra/test_trainer.py validates them.
-    if not doc or doc.get("apiVersion", "").startswith("trainer.kubeflow.org/"):
-        continue
-    try:
-        kubernetes_validate.validate(doc, sys.argv[2], strict=True)
-    except Exception as e:
-        errors.append(f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {e}")
-print(json.dumps(errors))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +75,13 @@ def test_every_overlay_renders(rendered):
 
 
 def test_rendered_objects_validate_against_the_kubernetes_schemas(rendered, tmp_path):
-    python = venv_tool(INFRA_VENV, "python")
     for overlay, objects in rendered.items():
-        path = tmp_path / f"{overlay}.yaml"
-        path.write_text(yaml.safe_dump_all(objects))
-        result = run([python, "-c", _VALIDATE, path, K8S_VERSION])
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == [], f"{overlay} does not validate against Kubernetes {K8S_VERSION}"
+        errors = kubernetes_validate(objects, tmp_path, overlay)
+        assert errors == [], f"{overlay} does not validate against Kubernetes {K8S_VERSION}"
 
 
 def test_schema_validation_catches_a_broken_object(tmp_path):
     """The validator above must be able to fail: a Deployment with a typo'd field is rejected."""
-    python = venv_tool(INFRA_VENV, "python")
     broken = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -115,10 +92,7 @@ def test_schema_validation_catches_a_broken_object(tmp_path):
             "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}},
         },
     }
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(broken))
-    result = run([python, "-c", _VALIDATE, path, K8S_VERSION])
-    assert json.loads(result.stdout), "an invalid Deployment passed validation"
+    assert kubernetes_validate([broken], tmp_path, "broken"), "an invalid Deployment passed validation"
 
 
 def test_checkov_rendered_manifests_are_clean(rendered, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import re
 import typing
 
@@ -18,24 +17,12 @@ import yaml
 from pipelines import placement
 
 from . import trainer_schema
-from .conftest import INFRA_VENV, K8S_VERSION, OVERLAYS, ROOT, render, run, venv_tool
+from .conftest import OVERLAYS, ROOT, kubernetes_validate, render
 
 pytestmark = pytest.mark.infra
 
 CTR = "ClusterTrainingRuntime"
 RUNTIME_KINDS = {CTR, "TrainJob", "TrainingRuntime"}
-
-_VALIDATE = """
-import json, sys
-import kubernetes_validate
-errors = []
-for doc in json.load(open(sys.argv[1])):
-    try:
-        kubernetes_validate.validate(doc, sys.argv[2], strict=True)
-    except Exception as e:
-        errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e}")
-print(json.dumps(errors))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +32,6 @@ def rendered() -> dict[str, list[dict]]:
 
 def _runtimes(objects: list[dict]) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == CTR}
-
-
-def _kubernetes_validate(objects: list[dict], tmp_path) -> list[str]:
-    python = venv_tool(INFRA_VENV, "python")
-    path = tmp_path / "core.json"
-    path.write_text(json.dumps(objects))
-    result = run([python, "-c", _VALIDATE, path, K8S_VERSION])
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 # --- the install ------------------------------------------------------------------------------------------------
@@ -104,7 +82,7 @@ def test_runtimes_core_parts_validate_against_the_kubernetes_schemas(rendered, t
         for part in trainer_schema.core_objects(CTR, runtime)
     ]
     assert {o["kind"] for o in core} == {"Job"} and len(core) == 2 * len(rendered)
-    assert _kubernetes_validate(core, tmp_path) == []
+    assert kubernetes_validate(core, tmp_path) == []
 
 
 def _node_job(runtime: dict) -> dict:
@@ -223,7 +201,7 @@ def test_a_trainjob_on_each_runtime_validates(pool, nodes, tmp_path):
     assert trainer_schema.validate("TrainJob", job) == []
     core = trainer_schema.core_objects("TrainJob", job)
     assert [o["kind"] for o in core] == ["Pod", "Pod"]
-    assert _kubernetes_validate(core, tmp_path) == []
+    assert kubernetes_validate(core, tmp_path) == []
 
 
 def _patched_pod(job: dict) -> dict:
@@ -466,7 +444,7 @@ def test_the_core_part_check_can_fail(rendered, tmp_path):
         for e in trainer_schema.validate(CTR, runtime)
         if e.endswith("containers[].resource: unknown to the kubeflow-trainer-api ClusterTrainingRuntime model")
     ]
-    (error,) = _kubernetes_validate(trainer_schema.core_objects(CTR, runtime), tmp_path)
+    (error,) = kubernetes_validate(trainer_schema.core_objects(CTR, runtime), tmp_path)
     assert "'resource' was unexpected" in error
 
 
@@ -500,7 +478,7 @@ def _built(pool: str, nodes: int, *, gcsfuse: bool) -> dict:
 def test_the_pipelines_trainjob_validates_against_the_release_schema(pool, nodes, gcsfuse, tmp_path):
     job = _built(pool, nodes, gcsfuse=gcsfuse)
     assert trainer_schema.validate("TrainJob", job) == []
-    assert _kubernetes_validate(trainer_schema.core_objects("TrainJob", job), tmp_path) == []
+    assert kubernetes_validate(trainer_schema.core_objects("TrainJob", job), tmp_path) == []
     assert job["spec"]["trainer"]["numNodes"] == nodes
     assert job["spec"]["runtimeRef"]["name"] == placement.TRAINING_RUNTIMES[pool]
 
