@@ -4,10 +4,7 @@ torchrun agents (``--nnodes 2``) whose second node writes into folders of its ow
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import yaml
 from reliability.procs import Workspace
 
 from .runs import MAX_STEPS, SAVE_STEPS, TIMEOUT_S, Dirs, free_port, one_process, run, start, torchrun
@@ -15,42 +12,14 @@ from .runs import MAX_STEPS, SAVE_STEPS, TIMEOUT_S, Dirs, free_port, one_process
 
 @pytest.fixture(scope="session")
 def dws(tmp_path_factory, stories_dir) -> Workspace:
-    from kubetune import config
-    from kubetune.pack import pack
-    from kubetune.prepare import prepare
-
     root = tmp_path_factory.mktemp("distributed")
-    data = root / "data.jsonl"
-    rows = [
-        {"instruction": f"what is {i} plus {i}?", "response": f"the answer is {2 * i}. " * (1 + i % 3)}
-        for i in range(64)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = {
-        "model": {"name_or_path": str(stories_dir)},
-        "data": {"path": str(data), "eval_size": 4},
-        "pack": {"max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {
-            "max_steps": MAX_STEPS,
-            "save_steps": SAVE_STEPS,
-            "save_total_limit": 3,
-            "batch_size": 4,  # the global batch: 2 rows per rank on 2 ranks
-            "threads": 1,
-            "learning_rate": 0.01,
-            "warmup_ratio": 0.1,
-            "logging_steps": 1,
-        },
-        "distributed": {"timeout_s": TIMEOUT_S},
-        "output_dir": str(root / "run"),
-        "tracking": {"enabled": False},
+    train = {
+        "max_steps": MAX_STEPS,
+        "save_steps": SAVE_STEPS,
+        "batch_size": 4,  # the global batch: 2 rows per rank on 2 ranks
+        "logging_steps": 1,
     }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    loaded = config.load(path)
-    prepared = prepare(loaded, root / "prepared")
-    packed = pack(loaded, prepared, root / "packed")
-    return Workspace(root, path, data, prepared, packed)
+    return Workspace.make(root, stories_dir, train=train, distributed={"timeout_s": TIMEOUT_S})
 
 
 @pytest.fixture(scope="session")

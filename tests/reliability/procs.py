@@ -136,6 +136,46 @@ class Workspace:
     prepared: Path
     packed: Path
 
+    @classmethod
+    def make(cls, root: Path, model_dir: Path, *, train: dict, **sections: dict) -> Workspace:
+        """64 short conversations (60 train, 4 eval) for ``model_dir``, prepared and packed once, in-process; the
+        config file has the shared test settings, ``train`` keys over them, and any further config ``sections``."""
+        import yaml
+
+        from kubetune import config
+        from kubetune.pack import pack
+        from kubetune.prepare import prepare
+
+        data = root / "data.jsonl"
+        rows = [
+            {"instruction": f"what is {i} plus {i}?", "response": f"the answer is {2 * i}. " * (1 + i % 3)}
+            for i in range(64)
+        ]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        cfg = {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(data), "eval_size": 4},
+            "pack": {"max_length": 64},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {
+                "max_steps": MAX_STEPS,
+                "save_steps": SAVE_STEPS,
+                "save_total_limit": 3,
+                "threads": 1,
+                "learning_rate": 0.01,
+                "warmup_ratio": 0.1,
+                **train,
+            },
+            **sections,
+            "output_dir": str(root / "run"),
+            "tracking": {"enabled": False},
+        }
+        path = root / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        loaded = config.load(path)
+        prepared = prepare(loaded, root / "prepared")
+        return cls(root, path, data, prepared, pack(loaded, prepared, root / "packed"))
+
     def train_args(self, out: Path, ckpt: Path, *extra: str) -> list[str]:
         return [
             "train",
