@@ -78,6 +78,7 @@ def _preempt(dws, tmp, d: Dirs, rank: int, nproc: int = 2):
     os.kill(pids[rank], signal.SIGTERM)
     rc = proc.wait()
     log = proc.stderr()
+    assert rc != 0, f"the run reached max_steps before the SIGTERM sent after step {SAVE_STEPS} landed:\n{log[-3000:]}"
     steps = {int(m[1]) for line in kubetune_lines(log) if (m := PREEMPTED.match(line))}
     assert len(steps) == 1, log[-3000:]  # every rank that says so stopped at the same step
     step = steps.pop()

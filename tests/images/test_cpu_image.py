@@ -112,14 +112,22 @@ class Container:
         _run(["buildah", "rm", self.name], timeout=120)
 
 
-def _component_specs() -> tuple[dict, dict]:
-    """(components, executors) of the compiled pipeline, compiled here with the image references of the cloud."""
+def _component_specs() -> tuple[dict, dict, dict]:
+    """(components, executors, constants) of the compiled pipeline, compiled here with the image references of the
+    cloud. ``constants``: per task, the parameters the DAG binds to compile-time constants (the train tasks' pool,
+    image, checkpoint claim), which the KFP launcher passes the way it passes the run's arguments."""
     from pipelines.sft_pipeline import compile_pipeline
 
     out = ROOT / "build" / "images-local" / "sft_pipeline.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = next(yaml.safe_load_all(compile_pipeline(out).read_text()))
-    return spec["components"], spec["deploymentSpec"]["executors"]
+    constants: dict[str, dict] = {}
+    for dag in [spec["root"], *spec["components"].values()]:
+        for name, task in dag.get("dag", {}).get("tasks", {}).items():
+            for parameter, value in task.get("inputs", {}).get("parameters", {}).items():
+                if "constant" in value.get("runtimeValue", {}):
+                    constants.setdefault(name, {})[parameter] = value["runtimeValue"]["constant"]
+    return spec["components"], spec["deploymentSpec"]["executors"], constants
 
 
 def _executor_input(component: dict, arguments: dict, inputs: dict, task: str) -> dict:
@@ -181,7 +189,7 @@ def pipeline_run(cpu_image, tmp_path_factory, stories_dir):
         raw, cfg = load_config(config)
         arguments = pipeline_arguments(raw, cfg, checkpoint_root=f"{GCS}/{BUCKET}/checkpoints")
         arguments["run_id"] = "images-test-run"
-        components, executors = _component_specs()
+        components, executors, constants = _component_specs()
         container = Container(cpu_image, {GCS: str(gcs), KFP_OUTPUTS: str(kfp_outputs), MODEL: f"{stories_dir}:ro"})
         results, outputs = {}, {}
         try:
@@ -189,7 +197,8 @@ def pipeline_run(cpu_image, tmp_path_factory, stories_dir):
                 component = components[f"comp-{task}"]
                 assert set(WIRING.get(task, {})) == set(component["inputDefinitions"].get("artifacts", {})), task
                 inputs = {name: outputs[src][key] for name, (src, key) in WIRING.get(task, {}).items()}
-                executor_input = _executor_input(component, arguments, inputs, task)
+                bound = {**arguments, **constants.get(task, {}), "run_id": arguments["run_id"]}
+                executor_input = _executor_input(component, bound, inputs, task)
                 result = container.run(_command(executors[component["executorLabel"]], executor_input))
                 results[task] = result
                 if result.returncode != 0:
