@@ -271,8 +271,12 @@ class DistributedConfig:
     )
     strategy: str = _f(
         "ddp",
-        "`ddp`: every rank holds the whole model and only the adapter's gradients are all-reduced. `fsdp` "
-        "(shard the base model over the ranks) is refused: see the README's multi-process section.",
+        "`ddp`: every rank holds the whole model and only the adapter's gradients are all-reduced. `fsdp`: the "
+        "frozen base is sharded over the ranks (FSDP2, one unit per decoder layer), for a LoRA base that does not "
+        "fit one device; the adapter stays whole on every rank and checkpoints are those of `ddp`, so a run resumes "
+        "on any number of ranks. One process trains as plain. Refused for QLoRA (4-bit bases do not shard) and with "
+        "`cpu.lean_layers`/`cpu.split_gemms` set to on (they are off under fsdp). See the README's multi-process "
+        "section.",
         choices=("ddp", "fsdp"),
     )
 

@@ -10,8 +10,9 @@ What the stage does with it, in order: :func:`session` starts the process group 
 ``distributed.timeout_s`` for every collective, so a dead peer fails the job instead of hanging it);
 :func:`on_writer` runs what only the writer (global rank 0) may do (take the output folder, choose the resume point)
 and hands its outcome, or its one-line error, to every rank; :func:`any_rank` turns one rank's SIGTERM into every
-rank's; :class:`CommMeter` times the gradient all-reduce of DDP (only the trainable, adapter, parameters are
-reduced); :func:`gather` collects per-rank figures for ``training_summary.json``.
+rank's; :func:`shard_base` shards the frozen base over the ranks (``distributed.strategy: fsdp``);
+:class:`CommMeter` times the gradient all-reduce of DDP (only the trainable, adapter, parameters are reduced);
+:func:`gather` collects per-rank figures for ``training_summary.json``.
 """
 
 from __future__ import annotations
@@ -250,6 +251,47 @@ def ignore_frozen_parameters(model) -> int:
     return len(frozen)
 
 
+def shard_base(model, world: World, device: str) -> dict[str, Any]:
+    """``distributed.strategy: fsdp``: shard the frozen base ``model`` over the ranks with FSDP2 (torch's
+    ``fully_shard``), before PEFT adds the adapter. One FSDP unit per decoder layer (the classes the model names in
+    ``_no_split_modules``) and the root unit for the rest (embeddings, final norm, LM head): each rank keeps 1/N of
+    every weight and gathers one unit's whole weights for its forward, and again for its backward.
+
+    The adapter added afterwards stays outside FSDP: whole on every rank, its gradients all-reduced by DDP as under
+    ``ddp``. So its optimizer state, the checkpoints and the adapter folder are exactly those of DDP (and of one
+    process): any world size resumes them. Returns what was sharded, for ``training_summary.json``. Every rank must
+    call it; one process (nothing to shard over) must not."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    names = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(
+            f"config key `distributed.strategy`: fsdp shards a model by its decoder layers, and "
+            f"{type(model).__name__} names none (`_no_split_modules`: {names or 'empty'}); use ddp"
+        )
+    for p in model.parameters():  # the base is frozen (PEFT would do it later): FSDP reduces no gradient of it
+        p.requires_grad_(False)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    mesh = init_device_mesh(device, (world.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh)  # the root: whatever no layer holds
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
+    log.info(
+        "FSDP: frozen base sharded over %d ranks in %d %s units + the root (embeddings, final norm, LM head): "
+        "%.1f of %.1f MiB of weights held by this rank",
+        world.world_size,
+        len(layers),
+        "/".join(names),
+        local / 2**20,
+        total / 2**20,
+    )
+    return {"units": len(layers) + 1, "layer_classes": names, "base_bytes": total, "base_bytes_this_rank": local}
+
+
 @dataclass
 class CommMeter:
     """Wall time and bytes of DDP's gradient all-reduce, summed over the run (:meth:`install` on the DDP model).
@@ -301,9 +343,9 @@ def accelerate_backend(plan) -> str | None:
     return None if backend == "ccl" else backend
 
 
-def summary(world: World, backend: str | None, local: dict[str, Any], meter: CommMeter | None) -> dict[str, Any]:
-    """The run's figures over every rank (every rank must call it): the tokens of all ranks, each rank's tokens/s,
-    and DDP's all-reduce time and bytes per optimizer step (mean over the ranks)."""
+def summary(world: World, plan, local: dict[str, Any], meter: CommMeter | None) -> dict[str, Any]:
+    """The run's figures over every rank (every rank must call it): the plan's backend and strategy, the tokens of
+    all ranks, each rank's tokens/s, and DDP's all-reduce time and bytes per optimizer step (mean over the ranks)."""
     mine = {
         "tokens": int(local.get("tokens_this_run", 0)),
         "seconds": float(local.get("train_seconds") or 0.0),
@@ -316,7 +358,8 @@ def summary(world: World, backend: str | None, local: dict[str, Any], meter: Com
     tokens = sum(r["tokens"] for r in every)
     return {
         "world_size": world.world_size,
-        "backend": backend,
+        "backend": plan.backend.value,
+        "strategy": plan.strategy.value,
         "tokens_this_run": tokens,
         "train_seconds": seconds,
         "train_tokens_per_second": tokens / seconds if seconds > 0 else 0.0,

@@ -2,7 +2,7 @@
 
 :func:`make` returns a frozen :class:`Plan` with one :class:`~kubetune.hardware.Decision` (value and reason) per
 setting: precision, threads, rows per pass, activation checkpointing, optimizer, LM head, LoRA dropout sampler, lean
-layers, split GEMMs, allocator and the collective backend. It reads its arguments: a
+layers, split GEMMs, allocator, the collective backend and the distributed strategy. It reads its arguments: a
 :class:`~kubetune.hardware.Hardware` (:func:`kubetune.hardware.detect` on the machine, or written by hand for any
 other), the config, the model's config, the packed row length and the :class:`~kubetune.distributed.World` (this
 process's rank among the torchrun workers; one process by default); and, for the allocator, which malloc this
@@ -44,6 +44,7 @@ class Plan:
     split_gemms: Decision
     allocator: Decision
     backend: Decision
+    strategy: Decision
     batch_size: int = 1  # train.batch_size: the global batch
     grad_accum: int = 1  # train.grad_accum
 
@@ -103,27 +104,42 @@ def make(cfg: Config, hw: Hardware, model_config: Any, row_len: int, world: Worl
         split_gemms=choose_split_gemms(cfg, hw),
         allocator=allocator.decide(hw),
         backend=choose_backend(cfg, hw, world),
+        strategy=choose_strategy(cfg, world, model_config),
         batch_size=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum,
     )
 
 
-# Tried on this stack (torch 2.13 CPU, gloo, transformers 5.24 / accelerate 1.15, PEFT LoRA on a Llama): FSDP1 stops
-# at start ("no available devices found, must be one of 'XPU', 'CUDA', ..."); FSDP2 trains, but its sharded model and
-# optimizer states would each be written by every rank, which the sealed one-writer checkpoints, their resume on
-# another number of ranks and the CPU layer rewrites are not built for. So it is refused rather than half-supported.
-FSDP_REFUSED = (
-    "config key `distributed.strategy`: fsdp is not supported (sharded checkpoints are not resumable by kubetune "
-    "yet); use ddp: every rank holds the base model (QLoRA's 4-bit base fits where bf16 does not) and only the "
-    "adapter's gradients are all-reduced"
+# Tried on this stack (torch 2.13 CPU, gloo): under FSDP the split GEMMs, which time each frozen weight when they are
+# installed, met a shard ("aten.mm.out got mixed torch.Tensor and DTensor") and the lean layers found no module to
+# rewrite. They are off on one process too: a run resumed on another number of ranks then does the same arithmetic.
+FSDP_REWRITES = (
+    "the frozen weights are shards (DTensors) that FSDP gathers only inside each layer's forward and backward, "
+    "which kubetune's CPU layer rewrites do not read (off on one process too, so that any number of ranks does "
+    "the same arithmetic)"
+)
+# Tried on this stack (bitsandbytes 0.50.2): fully_shard splits the packed uint8 4-bit weights apart from their
+# quantisation state, and the first forward fails in bitsandbytes ("N must be divisible by block_n").
+FSDP_QLORA_REFUSED = (
+    "config key `distributed.strategy`: fsdp does not shard a 4-bit (QLoRA) base (bitsandbytes' packed weights "
+    "and their quantisation state cannot be split over ranks); use ddp (every rank holds the 4-bit base, about a "
+    "quarter of bf16) or method: lora with fsdp"
 )
 
 
 def check_world(cfg: Config, hw: Hardware, world: World) -> None:
     """The combinations that cannot run, refused with one line naming the key: a global batch that does not split
-    over the ranks, FSDP, a backend that does not fit the device or is not installed."""
+    over the ranks, FSDP of a 4-bit base (on any number of ranks, so that a config that one process accepts does
+    not fail on two), a backend that does not fit the device or is not installed."""
+    if cfg.distributed.strategy == "fsdp" and cfg.method == "qlora":
+        raise UserError(FSDP_QLORA_REFUSED)
     if cfg.distributed.strategy == "fsdp":
-        raise UserError(FSDP_REFUSED)
+        for key in ("lean_layers", "split_gemms"):
+            if getattr(cfg.cpu, key) == "on":
+                raise UserError(
+                    f"config key `cpu.{key}`: on does not work under distributed.strategy fsdp ({FSDP_REWRITES}); "
+                    "use auto or off"
+                )
     n, b = world.world_size, cfg.train.batch_size
     if b % n:
         lower, upper = (b // n) * n, (b // n + 1) * n
@@ -162,6 +178,43 @@ def choose_backend(cfg: Config, hw: Hardware, world: World) -> Decision:
         "gloo",
         f"{world.world_size} ranks on CPU: gloo (oneCCL only when asked for, with {CCL_MODULE} installed)",
     )
+
+
+def choose_strategy(cfg: Config, world: World, model_config: Any = None) -> Decision:
+    """How the ranks share the model: ``ddp`` (every rank holds the whole base) or ``fsdp`` (the frozen base sharded,
+    :func:`kubetune.distributed.shard_base`); nothing to share for one process, whichever the config asks for."""
+    asked = cfg.distributed.strategy
+    if not world.distributed:
+        if asked == "fsdp":
+            return Decision(None, "one process: distributed.strategy fsdp has no ranks to shard over; trains as plain")
+        return Decision(None, "one process (no WORLD_SIZE from torchrun): no data parallelism")
+    n = world.world_size
+    if asked == "fsdp":
+        layers = _decoder_layers(model_config)
+        return Decision(
+            "fsdp",
+            f"set in config (distributed.strategy), {n} ranks: the frozen base sharded over them with FSDP2 "
+            f"(fully_shard), one unit per decoder layer ({layers}) and one for the rest (embeddings, final norm, LM "
+            f"head), each rank holding 1/{n} of every weight; the LoRA adapter whole on every rank, only its "
+            "gradients all-reduced (DDP), so checkpoints are DDP's",
+        )
+    return Decision(
+        "ddp",
+        f"{n} ranks: every rank holds the whole base model, only the adapter's gradients are all-reduced (DDP)",
+    )
+
+
+def _decoder_layers(model_config: Any) -> str:
+    """The decoder layer classes the model's transformers class names in ``_no_split_modules`` (what FSDP wraps)."""
+    names: list[str] = []
+    for arch in getattr(model_config, "architectures", None) or []:
+        try:
+            import transformers
+
+            names += list(getattr(getattr(transformers, arch, None), "_no_split_modules", None) or [])
+        except Exception:  # a remote-code or unknown class: the sharding step names them when it runs
+            continue
+    return "/".join(sorted(set(names))) or "the model's _no_split_modules"
 
 
 def choose_precision(hw: Hardware, requested: str = "auto") -> Decision:
@@ -295,7 +348,10 @@ def choose_dropout_sampler(cfg: Config, hw: Hardware) -> Decision:
 
 
 def _cpu_layer_rewrite(cfg: Config, hw: Hardware, key: str, *, cpu: str, gpu: str) -> Decision:
-    """``on`` for CPU and ``off`` for GPU (with these reasons) unless ``cpu.<key>`` says otherwise."""
+    """``on`` for CPU and ``off`` for GPU (with these reasons) unless ``cpu.<key>`` says otherwise; ``off`` with
+    ``distributed.strategy: fsdp`` (:func:`check_world` refuses ``on`` there)."""
+    if cfg.distributed.strategy == "fsdp" and getattr(cfg.cpu, key) == "auto":
+        return Decision("off", f"distributed.strategy fsdp: {FSDP_REWRITES}")
     return _by_device(hw, f"cpu.{key}", getattr(cfg.cpu, key), cpu=("on", cpu), gpu=("off", gpu))
 
 

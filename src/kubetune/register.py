@@ -11,7 +11,8 @@ makes a second run) in experiment ``tracking.experiment`` with:
   ``train_loss`` by step;
 - artifacts: ``adapter/`` (the whole adapter folder: weights, tokenizer, ``base_model.json``, ``merged/`` when
   made), ``eval/``, ``data/`` and ``pack/`` reports, ``training_summary.json``, ``config.yaml``;
-- tags: ``kubetune.distributed_backend`` (``gloo``, ``nccl``, ``ccl``; ``none`` for one process);
+- tags: ``kubetune.distributed_backend`` (``gloo``, ``nccl``, ``ccl``; ``none`` for one process) and
+  ``kubetune.distributed_strategy`` (``ddp``, ``fsdp``; ``none`` for one process);
 - dataset lineage: the prepared train and eval splits as MLflow dataset inputs, digest = data fingerprint;
 - the eval report as the run's description.
 
@@ -212,6 +213,7 @@ def build_payload(
         tags["kubetune.base_weights_sha256"] = str(base_ref["weights_sha256"])
     if summary.get("world_size"):
         tags["kubetune.distributed_backend"] = str(summary.get("backend") or "none")
+        tags["kubetune.distributed_strategy"] = str(summary.get("strategy") or "none")
     version_tags = {
         k: tags[k]
         for k in (tracking.TAG_RUN_KEY, tracking.TAG_BASE_MODEL, "kubetune.method", tracking.TAG_DATA_FINGERPRINT)

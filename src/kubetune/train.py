@@ -123,11 +123,14 @@ def _train_into(cfg: Config, run: _Run, dest: Path | None, preemption: Preemptio
         _stop_if_preempted(world, preemption, None)
         with kernels.loading():
             model, tokenizer = _load(cfg, run.plan, run.packed, run.resolved)
+        sharded = distributed.shard_base(model, world, run.plan.device) if run.plan.strategy.value == "fsdp" else None
         # The model fits the config (inputs checked): the writer takes the checkpoint folder and says where to resume.
         resume_from = distributed.on_writer(world, take_checkpoints)
         resumed_step, tokens_before = checkpoints.resume_point(resume_from)
         counter = sft.TokenCounter()
         summary: dict[str, Any] = {"loss_curve": [], "method": cfg.method, "resumed_from_step": resumed_step}
+        if sharded is not None:
+            summary["fsdp"] = sharded
         args = sft.sft_config(cfg, run.plan, run.ckpt_dir)
         torch.set_num_threads(run.plan.threads.value)  # after accelerate, which sets its own for CPU ranks
         trainer = sft.trainer_class()(
@@ -151,7 +154,7 @@ def _train_into(cfg: Config, run: _Run, dest: Path | None, preemption: Preemptio
     if summary.get("preempted_checkpoint") and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(trainer.state.global_step, summary["preempted_checkpoint"])
     # (A signal after the last step: the work is done, so the output is finished within the grace.)
-    summary.update(distributed.summary(world, run.plan.backend.value, summary, trainer.comm_meter))
+    summary.update(distributed.summary(world, run.plan, summary, trainer.comm_meter))
     summary["tokens_seen"] = tokens_before + summary.get("tokens_this_run", 0)
     if dest is None:  # not the writer: nothing to write
         return summary
@@ -205,7 +208,10 @@ def _load(cfg: Config, the_plan: plan.Plan, packed: Path, resolved: models.Resol
     quant = cfg.quant if cfg.method == "qlora" else None
     precision = the_plan.precision.value  # QLoRA's non-quantised parts too: prepare_kbit_model keeps bf16 in bf16
     t_load = time.perf_counter()
-    model = models.load_model(cfg.model, dtype=precision, quant=quant, device=the_plan.device, resolved=resolved)
+    # Under FSDP the base is read into host memory and each unit moved to the device as it is sharded, so a GPU
+    # never holds the whole base.
+    device = "cpu" if the_plan.strategy.value == "fsdp" else the_plan.device
+    model = models.load_model(cfg.model, dtype=precision, quant=quant, device=device, resolved=resolved)
     log.info(
         "loaded %s in %.1f s (%s, %s)",
         resolved.source,

@@ -6,7 +6,10 @@ Every run uses one thread per rank (``train.threads: 1``) so that one process an
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reliability.procs import Proc, env, kubetune_cmd, wait_for
+from reliability.procs import PREEMPTED, Proc, env, intact_steps, kubetune_cmd, kubetune_lines, sealed_steps, wait_for
 
 MAX_STEPS = 40  # a few seconds: long enough that a signal sent after the first checkpoint lands mid-training
 SAVE_STEPS = 5
@@ -91,3 +94,33 @@ class Dirs:
     @classmethod
     def under(cls, root: Path) -> Dirs:
         return cls(root / "adapter", root / "checkpoints")
+
+
+def preempt(dws, tmp, d: Dirs, rank: int, nproc: int = 2):
+    """Start a run of workspace ``dws`` on ``nproc`` ranks, SIGTERM rank ``rank`` once the first checkpoint is sealed,
+    check that every rank stopped at one step with that step's checkpoint sealed; returns the step."""
+    args = dws.train_args(d.out, d.ckpt)
+    proc = start(tmp, torchrun(*args, nproc=nproc) if nproc > 1 else one_process(*args))
+    pids = rank_pids(proc, nproc) if nproc > 1 else {0: proc.pid}
+    wait_for("the first periodic checkpoint", lambda: bool(sealed_steps(d.ckpt)), proc)
+    os.kill(pids[rank], signal.SIGTERM)
+    rc = proc.wait()
+    log = proc.stderr()
+    assert rc != 0, f"the run reached max_steps before the SIGTERM sent after step {SAVE_STEPS} landed:\n{log[-3000:]}"
+    steps = {int(m[1]) for line in kubetune_lines(log) if (m := PREEMPTED.match(line))}
+    assert len(steps) == 1, log[-3000:]  # every rank that says so stopped at the same step
+    step = steps.pop()
+    assert SAVE_STEPS <= step < MAX_STEPS
+    assert intact_steps(d.ckpt)[-1] == step and not d.out.exists()
+    record = json.loads((d.ckpt / "kubetune-preempted.json").read_text())
+    assert (record["step"], record["checkpoint"], record["world_size"]) == (
+        step,
+        str(d.ckpt / f"checkpoint-{step}"),
+        nproc,
+    )
+    if nproc > 1:
+        assert rc == 1  # torchrun's own code for "a worker exited non-zero": the record tells it was a preemption
+        assert rank_exit_codes(log) == {0: 3, 1: 3}, log[-3000:]
+    else:
+        assert rc == 3
+    return step

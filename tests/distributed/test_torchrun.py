@@ -4,24 +4,14 @@ or another world size, a rank killed with -9 fails the job (never a hang) and th
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
-from reliability.procs import (
-    PREEMPTED,
-    adapter_tensors,
-    intact_steps,
-    kubetune_lines,
-    max_abs_diff,
-    sealed_steps,
-    summary,
-    wait_for,
-)
+from reliability.procs import adapter_tensors, intact_steps, max_abs_diff, sealed_steps, summary, wait_for
 
-from .runs import MAX_STEPS, SAVE_STEPS, TIMEOUT_S, Dirs, one_process, rank_exit_codes, rank_pids, run, start, torchrun
+from .runs import MAX_STEPS, TIMEOUT_S, Dirs, one_process, preempt, rank_exit_codes, rank_pids, run, start, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -69,35 +59,6 @@ def test_only_rank_0_writes(two_nodes):
     assert not list(n0.ckpt.glob("checkpoint-*/rng_state_1.pth"))
 
 
-def _preempt(dws, tmp, d: Dirs, rank: int, nproc: int = 2):
-    """Start a run, SIGTERM rank ``rank`` once the first checkpoint is sealed; returns (step, log, exit codes)."""
-    args = dws.train_args(d.out, d.ckpt)
-    proc = start(tmp, torchrun(*args, nproc=nproc) if nproc > 1 else one_process(*args))
-    pids = rank_pids(proc, nproc) if nproc > 1 else {0: proc.pid}
-    wait_for("the first periodic checkpoint", lambda: bool(sealed_steps(d.ckpt)), proc)
-    os.kill(pids[rank], signal.SIGTERM)
-    rc = proc.wait()
-    log = proc.stderr()
-    assert rc != 0, f"the run reached max_steps before the SIGTERM sent after step {SAVE_STEPS} landed:\n{log[-3000:]}"
-    steps = {int(m[1]) for line in kubetune_lines(log) if (m := PREEMPTED.match(line))}
-    assert len(steps) == 1, log[-3000:]  # every rank that says so stopped at the same step
-    step = steps.pop()
-    assert SAVE_STEPS <= step < MAX_STEPS
-    assert intact_steps(d.ckpt)[-1] == step and not d.out.exists()
-    record = json.loads((d.ckpt / "kubetune-preempted.json").read_text())
-    assert (record["step"], record["checkpoint"], record["world_size"]) == (
-        step,
-        str(d.ckpt / f"checkpoint-{step}"),
-        nproc,
-    )
-    if nproc > 1:
-        assert rc == 1  # torchrun's own code for "a worker exited non-zero": the record tells it was a preemption
-        assert rank_exit_codes(log) == {0: 3, 1: 3}, log[-3000:]
-    else:
-        assert rc == 3
-    return step
-
-
 @pytest.mark.parametrize(
     ("rank", "resume_on"), [(1, 1), (0, 2)], ids=["sigterm-rank-1-resume-on-1", "sigterm-rank-0-resume-on-2"]
 )
@@ -105,7 +66,7 @@ def test_sigterm_to_either_rank_stops_both_and_the_retry_resumes_on_any_world_si
     dws, reference, tmp_path, rank, resume_on
 ):
     d = Dirs.under(tmp_path)
-    step = _preempt(dws, tmp_path, d, rank)
+    step = preempt(dws, tmp_path, d, rank)
     args = dws.train_args(d.out, d.ckpt)
     rerun = run(torchrun(*args, nproc=resume_on) if resume_on > 1 else one_process(*args))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -124,7 +85,7 @@ def test_sigterm_to_either_rank_stops_both_and_the_retry_resumes_on_any_world_si
 
 def test_one_process_preempted_resumes_on_two_ranks(dws, reference, tmp_path):
     d = Dirs.under(tmp_path)
-    step = _preempt(dws, tmp_path, d, 0, nproc=1)
+    step = preempt(dws, tmp_path, d, 0, nproc=1)
     rerun = run(torchrun(*dws.train_args(d.out, d.ckpt), nproc=2))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"checkpoint-{step} was written by 1 rank(s), this run has 2" in rerun.stderr

@@ -35,6 +35,7 @@ def test_a_c3_node_gets_bf16_and_every_cpu_kernel():
         "split_gemms": "on",
         "allocator": got["allocator"],  # this process's malloc: see test_hardware's allocator tests
         "backend": None,  # one process: no collectives
+        "strategy": None,  # nor data parallelism
     }
     assert p.device == "cpu"
     assert all(d.reason for d in p.settings().values())
@@ -66,7 +67,7 @@ def test_the_plan_is_frozen_printable_and_recorded_as_the_summary_shows_it():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.threads = Decision(1, "no")  # type: ignore[misc]
     lines = str(p).splitlines()
-    assert len(lines) == len(p.settings()) == 11
+    assert len(lines) == len(p.settings()) == 12
     assert "threads = 3 (set in config (train.threads))" in lines
     assert p.to_dict()["threads"] == {"value": 3, "reason": "set in config (train.threads)"}
 
@@ -250,8 +251,22 @@ def test_the_backend_is_gloo_on_cpu_nccl_on_cuda_or_the_configs():
             2,
             "config key `distributed.backend`: nccl needs CUDA devices; use gloo (or auto) on CPU",
         ),
-        ({"distributed.strategy": "fsdp"}, C3, 2, plan.FSDP_REFUSED),
-        ({"distributed.strategy": "fsdp", "method": "qlora"}, L4, 1, plan.FSDP_REFUSED),
+        ({"distributed.strategy": "fsdp", "method": "qlora"}, C3, 2, plan.FSDP_QLORA_REFUSED),
+        ({"distributed.strategy": "fsdp", "method": "qlora"}, L4, 1, plan.FSDP_QLORA_REFUSED),
+        (
+            {"distributed.strategy": "fsdp", "cpu.split_gemms": "on"},
+            C3,
+            2,
+            f"config key `cpu.split_gemms`: on does not work under distributed.strategy fsdp ({plan.FSDP_REWRITES}); "
+            "use auto or off",
+        ),
+        (
+            {"distributed.strategy": "fsdp", "cpu.lean_layers": "on"},
+            C3,
+            1,
+            f"config key `cpu.lean_layers`: on does not work under distributed.strategy fsdp ({plan.FSDP_REWRITES}); "
+            "use auto or off",
+        ),
     ],
 )
 def test_combinations_that_cannot_run_are_refused_with_one_line(overrides, hw, world, message):
@@ -259,6 +274,51 @@ def test_combinations_that_cannot_run_are_refused_with_one_line(overrides, hw, w
     with pytest.raises(UserError) as err:
         plan.make(cfg, hw, SMALL_MODEL, 512, _world(world))
     assert str(err.value) == message
+
+
+LLAMA = SimpleNamespace(**vars(SMALL_MODEL), architectures=["LlamaForCausalLM"])
+
+
+def test_fsdp_shards_the_base_by_decoder_layer_and_turns_the_cpu_layer_rewrites_off():
+    fsdp = config.from_dict({"distributed": {"strategy": "fsdp"}})
+    p = plan.make(fsdp, C3, LLAMA, 512, _world(4))
+    assert p.strategy.value == "fsdp"
+    assert p.strategy.reason == (
+        "set in config (distributed.strategy), 4 ranks: the frozen base sharded over them with FSDP2 (fully_shard), "
+        "one unit per decoder layer (LlamaDecoderLayer) and one for the rest (embeddings, final norm, LM head), each "
+        "rank holding 1/4 of every weight; the LoRA adapter whole on every rank, only its gradients all-reduced "
+        "(DDP), so checkpoints are DDP's"
+    )
+    assert p.to_dict()["strategy"]["value"] == "fsdp"
+    off = Decision("off", f"distributed.strategy fsdp: {plan.FSDP_REWRITES}")
+    assert (p.lean_layers, p.split_gemms) == (off, off)
+    assert (p.lm_head.value, p.backend.value) == ("chunked", "gloo")  # the LM head and the collectives as under ddp
+    # A model config whose class transformers does not know: the reason names the attribute FSDP reads.
+    assert (
+        "one unit per decoder layer (the model's _no_split_modules)"
+        in plan.make(fsdp, C3, SMALL_MODEL, 512, _world(2)).strategy.reason
+    )
+    assert plan.make(fsdp, L4, LLAMA, 512, _world(2)).strategy.value == "fsdp"
+
+
+def test_one_process_with_fsdp_trains_as_plain_with_the_same_kernels_as_its_ranks():
+    fsdp = config.from_dict({"distributed": {"strategy": "fsdp"}})
+    one = plan.make(fsdp, C3, LLAMA, 512)
+    assert one.strategy == Decision(
+        None, "one process: distributed.strategy fsdp has no ranks to shard over; trains as plain"
+    )
+    two = plan.make(fsdp, C3, LLAMA, 512, _world(2))
+    assert (one.lean_layers, one.split_gemms) == (two.lean_layers, two.split_gemms)
+    assert plan.make(fsdp.replace(**{"cpu.split_gemms": "off"}), C3, LLAMA, 512, _world(2)).split_gemms.value == "off"
+
+
+def test_ddp_is_the_default_strategy_and_keeps_the_cpu_kernels():
+    p = plan.make(config.from_dict({}), C3, LLAMA, 512, _world(2))
+    assert p.strategy == Decision(
+        "ddp", "2 ranks: every rank holds the whole base model, only the adapter's gradients are all-reduced (DDP)"
+    )
+    assert (p.lean_layers.value, p.split_gemms.value) == ("on", "on")
+    assert plan.make(config.from_dict({}), C3, LLAMA, 512).strategy.value is None
 
 
 def test_a_single_process_ignores_the_distributed_backend():

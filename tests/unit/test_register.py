@@ -77,6 +77,7 @@ def make_run(
                 "method": "lora",
                 "world_size": 2,
                 "backend": "gloo",
+                "strategy": "fsdp",
                 "tokens_per_second_per_rank": [21.5, 21.0],
                 "collective_seconds_per_step": 0.004,
                 "allreduce_bytes_per_step": 92480,
@@ -181,6 +182,7 @@ def test_first_version_beating_the_base_is_promoted_with_everything_logged(store
         21.0,
     )
     assert r.data.tags["kubetune.distributed_backend"] == "gloo"
+    assert r.data.tags["kubetune.distributed_strategy"] == "fsdp"
     assert r.data.metrics["data.train_rows"] == 2 and r.data.metrics["pack.packing_efficiency"] == 0.9
     assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "train_loss")] == [
         (1, 3.2),
