@@ -51,7 +51,7 @@ quickstart-model: $(VENV)/.quickstart-model ## install the quickstart's model (S
 # The whole suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module fixtures
 # are built once), each process pinned to its share of the cores (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: setup infra-tools quickstart-model ## the whole suite CI runs: unit, pipeline, integration, infra, slow, reliability
 	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)

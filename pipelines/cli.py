@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from kubetune.cli import config_args
 from kubetune.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, UserError
 from pipelines.placement import SERVICE_ACCOUNT
 
@@ -52,15 +53,7 @@ def _run_as(p: argparse.ArgumentParser) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--config", "-c", required=required, help="kubetune YAML config (see configs/)")
-    p.add_argument(
-        "--set",
-        "-s",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set lora.r=8 (repeatable)",
-    )
+    config_args(p, required)
     p.add_argument(
         "--accelerator",
         choices=("cpu", "gpu"),

@@ -65,7 +65,9 @@ def _setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--config`` and ``--set KEY=VALUE``, as every command that reads a config takes them (``kubetune-pipeline``
+    too)."""
     p.add_argument("--config", "-c", required=required, help="YAML config (see configs/ for presets)")
     p.add_argument(
         "--set",
@@ -75,6 +77,10 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set lora.r=8 (repeatable)",
     )
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    config_args(p, required)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output with other inputs")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, library warnings shown")
 

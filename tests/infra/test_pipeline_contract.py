@@ -279,6 +279,8 @@ def test_make_compile_mounts_the_checkpoint_claim_the_manifests_create(rendered,
         options_ = dict(o.partition("=")[::2] for o in pv["spec"]["mountOptions"])
         assert options_["only-dir"] == bucket_url.path.strip("/")
         assert (options_["uid"], options_["gid"]) == (uid, gid or uid), "the images' user must own the mount"
+        # The stage outputs written onto it (a TrainJob's adapter) are renamed into place as folders.
+        assert int(options_.get("rename-dir-limit", 0)) >= 100, "gcsfuse would refuse the adapter folder's rename"
 
 
 def test_checkpoint_volume_follows_terraforms_values(tmp_path):
