@@ -17,7 +17,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reliability.procs import PREEMPTED, Proc, env, intact_steps, kubetune_cmd, kubetune_lines, sealed_steps, wait_for
+from reliability.procs import (
+    PREEMPTED,
+    Proc,
+    env,
+    intact_steps,
+    kubetune_cmd,
+    kubetune_lines,
+    max_abs_diff,
+    sealed_steps,
+    summary,
+    wait_for,
+)
 
 MAX_STEPS = 40  # a few seconds: long enough that a signal sent after the first checkpoint lands mid-training
 SAVE_STEPS = 5
@@ -25,6 +36,17 @@ TIMEOUT_S = 20  # distributed.timeout_s of these runs: no rank may wait longer f
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # torchrun's failure report: one block per rank that exited non-zero.
 REPORT = re.compile(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)")
+
+
+def follows(reference: Dirs, ranks: Dirs, tolerance: float) -> tuple[dict, dict]:
+    """Check that the run in ``ranks`` followed the one-process ``reference``: every step, the same loss curve and
+    adapter within ``tolerance``, every row once; returns both summaries."""
+    ref, two = summary(reference.out), summary(ranks.out)
+    assert [s for s, _ in two["loss_curve"]] == list(range(1, MAX_STEPS + 1))
+    assert max(abs(a[1] - b[1]) for a, b in zip(ref["loss_curve"], two["loss_curve"], strict=True)) <= tolerance
+    assert max_abs_diff(reference.out, ranks.out) <= tolerance
+    assert two["tokens_seen"] == ref["tokens_seen"]  # every row once, over both ranks
+    return ref, two
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from reliability.procs import intact_steps, max_abs_diff, sealed_steps, summary
 
-from .runs import MAX_STEPS, Dirs, one_process, preempt, run, torchrun
+from .runs import MAX_STEPS, Dirs, follows, one_process, preempt, run, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -37,11 +37,7 @@ def test_one_process_with_fsdp_trains_as_plain_with_the_layer_rewrites_off(fsdp_
 
 def test_two_ranks_shard_the_base_and_follow_the_one_process_loss_curve_and_adapter(fsdp_reference, fsdp_two_nodes):
     n0, _, log0, _ = fsdp_two_nodes
-    ref, two = summary(fsdp_reference.out), summary(n0.out)
-    assert [s for s, _ in two["loss_curve"]] == list(range(1, MAX_STEPS + 1))
-    assert max(abs(a[1] - b[1]) for a, b in zip(ref["loss_curve"], two["loss_curve"], strict=True)) <= TOLERANCE
-    assert max_abs_diff(fsdp_reference.out, n0.out) <= TOLERANCE
-    assert two["tokens_seen"] == ref["tokens_seen"]
+    _, two = follows(fsdp_reference, n0, TOLERANCE)
     assert (two["world_size"], two["backend"], two["strategy"]) == (2, "gloo", "fsdp")
     reason = two["settings"]["strategy"]["reason"]
     assert two["settings"]["strategy"]["value"] == "fsdp"

@@ -11,7 +11,19 @@ import time
 import pytest
 from reliability.procs import adapter_tensors, intact_steps, max_abs_diff, sealed_steps, summary, wait_for
 
-from .runs import MAX_STEPS, TIMEOUT_S, Dirs, one_process, preempt, rank_exit_codes, rank_pids, run, start, torchrun
+from .runs import (
+    MAX_STEPS,
+    TIMEOUT_S,
+    Dirs,
+    follows,
+    one_process,
+    preempt,
+    rank_exit_codes,
+    rank_pids,
+    run,
+    start,
+    torchrun,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -29,11 +41,7 @@ def _curve(d: Dirs) -> list[list[float]]:
 
 def test_two_ranks_follow_the_one_process_loss_curve_and_adapter(reference, two_nodes):
     n0, _, _, _ = two_nodes
-    ref, two = summary(reference.out), summary(n0.out)
-    assert [s for s, _ in two["loss_curve"]] == list(range(1, MAX_STEPS + 1))
-    assert max(abs(a[1] - b[1]) for a, b in zip(ref["loss_curve"], two["loss_curve"], strict=True)) <= TOLERANCE
-    assert max_abs_diff(reference.out, n0.out) <= TOLERANCE
-    assert two["tokens_seen"] == ref["tokens_seen"]  # every row once, over both ranks
+    ref, two = follows(reference, n0, TOLERANCE)
     assert (two["world_size"], two["backend"], ref["world_size"], ref["backend"]) == (2, "gloo", 1, None)
     rates = two["tokens_per_second_per_rank"]
     assert len(rates) == 2 and all(r > 0 for r in rates)
