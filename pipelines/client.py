@@ -91,7 +91,9 @@ def normalize_host(host: str) -> str:
     return host
 
 
-def _server_message(body: Any) -> str:
+def server_message(body: Any) -> str:
+    """The message of an API server's error body (JSON ``message``/``error``, else the text), one line, at most
+    300 characters. The KFP client and the TrainJob client (pipelines/trainjob.py) both report with it."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
     try:
         data = json.loads(text)
@@ -122,7 +124,7 @@ def _translate(host: str, what: str) -> Iterator[None]:
         yield
     except kfp_server_api.ApiException as err:
         status = int(err.status or 0)
-        message = _server_message(err.body) or str(err.reason or "")
+        message = server_message(err.body) or str(err.reason or "")
         if status == 0:
             raise KfpUnavailable(f"{host}: {what}: cannot reach the KFP API ({message})") from None
         if 400 <= status < 500:
@@ -174,7 +176,7 @@ def _preflight(host: str, token: str | None, timeout: float) -> None:
         raise _unreachable(host, err) from None
     status = response.status
     if status >= 400:
-        message = _server_message(response.data)
+        message = server_message(response.data)
         if status < 500:
             raise KfpRefused(
                 f"{host}: the KFP API refused the connection check: HTTP {status} {message}{_auth_hint(status)}"

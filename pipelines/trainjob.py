@@ -62,8 +62,10 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kubetune.checkpoints import PREEMPTED_FILE
 from kubetune.errors import Preempted, UserError
 from pipelines import placement
+from pipelines.client import server_message
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ RUN_ID_LABEL = "kubetune.io/run-id"
 ATTEMPT_LABEL = "kubetune.io/attempt"
 
 COMPLETE, FAILED = "Complete", "Failed"  # the TrainJob's terminal condition types
-PREEMPTED_MARKER = "kubetune-preempted.json"  # written by rank 0 into the checkpoint folder on preemption
+PREEMPTED_MARKER = PREEMPTED_FILE  # written by rank 0 into the checkpoint folder on preemption
 WORK_FOLDER = "trainjob"  # under the run's checkpoint folder
 VOLUME = "kubetune-checkpoints"  # the volume's name inside the TrainJob's pods
 
@@ -405,7 +407,7 @@ def _copy_manifest_last(src: Path, dest: Path) -> None:
 
 def stage_inputs(cfg: Any, packed: str | Path, work: Path) -> None:
     """Put the packed dataset (unless an identical copy is there already) and the resolved config into ``work``."""
-    from kubetune.artifacts import read_manifest
+    from kubetune.artifacts import read_manifest, write_text_atomic
     from kubetune.config import dump
 
     packed = Path(packed)
@@ -421,10 +423,7 @@ def stage_inputs(cfg: Any, packed: str | Path, work: Path) -> None:
     else:
         log.info("copying the packed dataset to %s, where every node reads it", dest)
         _copy_manifest_last(packed, dest)
-    config = work / "config.yaml"
-    part = config.with_name(f"config.yaml.part-{os.getpid()}")
-    part.write_text(dump(cfg), encoding="utf-8")
-    os.replace(part, config)
+    write_text_atomic(work / "config.yaml", dump(cfg))
 
 
 def collect(work: Path, out: str | Path, name: str) -> Path:
@@ -463,10 +462,7 @@ def _own_namespace(environ: Mapping[str, str]) -> str:
 
 
 def _api_message(err: Any) -> str:
-    try:
-        return str(json.loads(err.body).get("message") or err.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(err, "reason", err))
+    return server_message(getattr(err, "body", None)) or str(getattr(err, "reason", None) or err)
 
 
 @dataclass
@@ -1080,35 +1076,13 @@ def train_on_nodes(
     return collect(work, out, obj["metadata"]["name"])
 
 
-def train(
-    cfg: Any,
-    packed: str | Path,
-    out: str | Path,
-    *,
-    nodes: int,
-    pool: str,
-    image: str,
-    checkpoint_pvc: str = "",
-    checkpoint_gcsfuse: bool = False,
-    run_id: str = "",
-    **options: Any,
-) -> Path:
-    """The train task's work: one node trains here (``kubetune.train.train``, as a single-node run always has);
-    more submit a TrainJob (:func:`train_on_nodes`). Returns the adapter folder ``out``."""
+def train(cfg: Any, packed: str | Path, out: str | Path, *, nodes: int, **on_nodes: Any) -> Path:
+    """The train task's work: one node trains here (``kubetune.train.train``, as a single-node run always has; the
+    keywords ``on_nodes`` are then unused); more submit a TrainJob (:func:`train_on_nodes`, which takes them).
+    Returns the adapter folder ``out``."""
     if check_nodes(nodes) == 1:
         from kubetune import hardware
         from kubetune.train import train as run_train
 
         return run_train(cfg, packed, out, hw=hardware.detect(**hardware.overrides(os.environ)))
-    return train_on_nodes(
-        cfg,
-        packed,
-        out,
-        nodes=nodes,
-        pool=pool,
-        image=image,
-        checkpoint_pvc=checkpoint_pvc,
-        checkpoint_gcsfuse=checkpoint_gcsfuse,
-        run_id=run_id,
-        **options,
-    )
+    return train_on_nodes(cfg, packed, out, nodes=nodes, **on_nodes)

@@ -328,17 +328,22 @@ def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so that a reader sees the old file or the whole new one, never a part, even after ``kill -9``
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the whole new one, never a part, even after ``kill -9``
     or a crash of the node: temp file, fsync, rename, fsync of the folder."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
     with open(part, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(part, path)
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """:func:`write_text_atomic` of ``obj`` as JSON."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
