@@ -251,6 +251,8 @@ def sft_config(cfg, the_plan, ckpt_dir: Path):
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
+        # Every rank keeps the verbosity the command line set; transformers would raise the other ranks' to WARNING.
+        log_level_replica="passive",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},

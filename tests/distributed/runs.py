@@ -36,6 +36,14 @@ TIMEOUT_S = 20  # distributed.timeout_s of these runs: no rank may wait longer f
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # torchrun's failure report: one block per rank that exited non-zero.
 REPORT = re.compile(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)")
+# A library's warning on any rank, through kubetune's log format or transformers' own handler (a library logger
+# that does not propagate to the root logger prints "[transformers] ...").
+LIBRARY_WARNING = re.compile(r"^(?:\S+ W (?:transformers|peft|trl|accelerate)\b|\[transformers\]).*$", re.M)
+
+
+def library_warnings(log: str) -> list[str]:
+    """The library warnings in a run's log: without ``--verbose`` every rank shows only kubetune's own lines."""
+    return LIBRARY_WARNING.findall(log)
 
 
 def follows(reference: Dirs, ranks: Dirs, tolerance: float) -> tuple[dict, dict]:
