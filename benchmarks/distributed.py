@@ -17,8 +17,12 @@ Three parts, each its own records (``bench`` = ``allreduce``, ``dist-train``, ``
 (b) **train**: the same training work as ``torchrun --nproc-per-node 2 --no-python kubetune train ... --set
     train.threads=1`` and as one ``kubetune train ... --set train.threads=2`` process (same config, packed rows,
     global batch, steps and seed), tokens/s of each from its ``training_summary.json`` and their ratio, with the
-    collective seconds and bytes per step the distributed run records. It needs a kubetune whose train stage runs
-    under torchrun: when the one-process run's summary has no ``world_size``, the part is skipped with one line.
+    collective seconds and bytes per step the distributed run records. With ``--strategies ddp,fsdp`` (the
+    default of a full run) two more 2-rank arms: ``distributed.strategy=fsdp`` (the frozen base sharded over the
+    ranks), and DDP with the CPU layer rewrites off (``cpu.lean_layers`` and ``cpu.split_gemms``), which is what an
+    fsdp run turns off, so that fsdp / ddp-without-rewrites is the cost of the sharding alone. It needs a kubetune
+    whose train stage runs under torchrun: when the one-process run's summary has no ``world_size``, the part is
+    skipped with one line.
 (c) **projection**: :mod:`benchmarks.scaling` for 2, 4, 8 and 16 C3 nodes on SmolLM2-135M, Llama-3.2-1B and
     Llama-3.1-8B, from this VM's measured tokens/s (part b's one-process run, or ``--vm-tokens-per-second``), the
     fitted ``alpha`` (part a, or ``--alpha-us``) and the published C3 egress bandwidths (``--machines``).
@@ -45,6 +49,8 @@ from benchmarks import common, scaling
 from benchmarks.common import BenchError, Recorder, progress
 
 PARTS = ("allreduce", "train", "projection")
+STRATEGIES = ("ddp", "fsdp")
+REWRITES_OFF = ["--set", "cpu.lean_layers=off", "--set", "cpu.split_gemms=off"]
 SWEEP_BYTES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SWEEP_BYTES = [4 << 10, 256 << 10, 1 << 20]
 # What the dist branch's training_summary.json carries (the contract part b reads)
@@ -293,6 +299,7 @@ def arm_record(name: str, ranks: int, threads: int, summary: dict[str, Any], wal
     """One arm's figures, from its training_summary.json (keys missing from an older summary stay None)."""
     steps = summary.get("steps_this_run") or summary.get("global_step")
     per_rank = summary.get("tokens_per_second_per_rank")
+    fsdp = summary.get("fsdp") or {}
     return {
         "bench": "dist-train",
         "name": name,
@@ -300,6 +307,8 @@ def arm_record(name: str, ranks: int, threads: int, summary: dict[str, Any], wal
         "threads_per_rank": threads,
         "world_size": summary.get("world_size"),
         "backend": summary.get("backend"),
+        "strategy": summary.get("strategy"),
+        "base_mib_rank_0": _round(fsdp["base_bytes_this_rank"] / scaling.MIB, 1) if fsdp else None,
         "steps": steps,
         "tokens": summary.get("tokens_this_run"),
         "train_seconds": _round(summary.get("train_seconds"), 2),
@@ -315,9 +324,9 @@ def arm_record(name: str, ranks: int, threads: int, summary: dict[str, Any], wal
     }  # fmt: skip
 
 
-def pair_record(one: dict[str, Any], two: dict[str, Any], index: int | None) -> dict[str, Any]:
-    """2 ranks against 1 process: tokens/s ratio, loss curves side by side, and the share of the 2-rank step spent
-    in collectives."""
+def pair_record(one: dict[str, Any], two: dict[str, Any], index: int | None, name: str = "") -> dict[str, Any]:
+    """Arm ``two`` against arm ``one`` (by default 2 ranks against 1 process): tokens/s ratio, loss curves side by
+    side, and the share of ``two``'s step spent in DDP's all-reduce."""
     ratio = two["tokens_per_second"] / one["tokens_per_second"] if one.get("tokens_per_second") else None
     curve_a = dict(one.get("loss_curve") or [])
     curve_b = dict(two.get("loss_curve") or [])
@@ -327,7 +336,7 @@ def pair_record(one: dict[str, Any], two: dict[str, Any], index: int | None) -> 
     coll = two.get("collective_seconds_per_step")
     return {
         "bench": "dist-train-ratio",
-        "name": "2 ranks x 1 thread / 1 process x 2 threads" + (f" #{index}" if index else ""),
+        "name": (name or "2 ranks x 1 thread / 1 process x 2 threads") + (f" #{index}" if index else ""),
         "tokens_per_second_ratio": round(ratio, 3) if ratio else None,
         "max_loss_difference": round(diff, 5) if diff is not None else None,
         "loss_steps_compared": len(common_steps),
@@ -398,21 +407,22 @@ def train_part(args: argparse.Namespace, rec: Recorder, work: Path) -> list[dict
     )  # fmt: skip
     kubetune = kubetune_command()
     env = {**os.environ, "PYTHONPATH": common._pythonpath(), "OMP_NUM_THREADS": "1"}
-    arms = [("1 process x 2 threads", 1, 2), ("2 ranks x 1 thread (torchrun)", 2, 1)]
+    arms = train_arms(args.strategies)
     records: list[dict[str, Any]] = []
     for i in range(args.repeats):
-        got: dict[int, dict[str, Any]] = {}
-        for name, ranks, threads in arms if i % 2 == 0 else arms[::-1]:
+        got: dict[str, dict[str, Any]] = {}
+        for arm in arms if i % 2 == 0 else arms[::-1]:
+            key, name, ranks, threads, sets = arm
             label = name if args.repeats == 1 else f"{name} #{i + 1}"
-            out = work / f"adapter-{ranks}r-{i + 1}"
+            out = work / f"adapter-{key}-{i + 1}"
             shutil.rmtree(out, ignore_errors=True)
-            ckpt = work / f"checkpoints-{ranks}r-{i + 1}"
+            ckpt = work / f"checkpoints-{key}-{i + 1}"
             shutil.rmtree(ckpt, ignore_errors=True)
-            extra = ["--set", f"train.checkpoint_dir={ckpt}"]
+            extra = ["--set", f"train.checkpoint_dir={ckpt}", *sets]
             cmd = train_commands(config, packed, out, ranks=ranks, threads=threads, kubetune=kubetune, extra=extra)
             quiet = common.wait_for_quiet(args.quiet_wait) if args.quiet_wait else {}
             progress(f"dist-train: {label}: {' '.join(cmd[-12:])} (CPUs busy before: {quiet.get('busy_before')})")
-            log = work / f"train-{ranks}r-{i + 1}.log"
+            log = work / f"train-{key}-{i + 1}.log"
             code, wall = _run_arm(cmd, log, args.timeout, env)
             if code != 0 or not (out / "training_summary.json").is_file():
                 raise BenchError(f"{label}: exited with {code} (log: {log}){common._tail(log)}")
@@ -423,11 +433,32 @@ def train_part(args: argparse.Namespace, rec: Recorder, work: Path) -> list[dict
                 return [rec.emit({"bench": "dist-train", "name": "skipped", "error": msg})]
             row = arm_record(label, ranks, threads, summary, wall)
             row.update(quiet)
-            got[ranks] = rec.emit(row)
+            got[key] = rec.emit(row)
             progress(f"dist-train: {label}: {row['tokens_per_second']} tokens/s, {row['train_seconds']} s")
-            records.append(got[ranks])
-        records.append(rec.emit(pair_record(got[1], got[2], i + 1 if args.repeats > 1 else None)))
+            records.append(got[key])
+        index = i + 1 if args.repeats > 1 else None
+        for one, two, name in TRAIN_PAIRS:
+            if one in got and two in got:
+                records.append(rec.emit(pair_record(got[one], got[two], index, name)))
     return records
+
+
+# (key, name, ranks, threads per rank, extra --set arguments) of part b's arms, for the strategies asked for.
+ONE_PROCESS = ("one", "1 process x 2 threads", 1, 2, [])
+DDP = ("ddp", "2 ranks x 1 thread (torchrun)", 2, 1, [])
+DDP_PLAIN = ("ddp-plain", "2 ranks x 1 thread, ddp, CPU rewrites off", 2, 1, REWRITES_OFF)
+FSDP = ("fsdp", "2 ranks x 1 thread, fsdp", 2, 1, ["--set", "distributed.strategy=fsdp"])
+# (arm, the arm set against it, the ratio's name; empty: the 2 ranks / 1 process ratio part b always reported)
+TRAIN_PAIRS = (
+    ("one", "ddp", ""),
+    ("ddp-plain", "fsdp", "fsdp / ddp, both with the CPU rewrites off"),
+    ("ddp", "fsdp", "fsdp / ddp as each runs by default"),
+)
+
+
+def train_arms(strategies: list[str]) -> list[tuple[str, str, int, int, list[str]]]:
+    """Part b's arms: one process and DDP always; with fsdp, fsdp and the DDP arm it is compared against."""
+    return [ONE_PROCESS, DDP, *((DDP_PLAIN, FSDP) if "fsdp" in strategies else ())]
 
 
 # ==============================================================================================================
@@ -530,6 +561,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=512, help="packed row length (also the projection's)")
     p.add_argument("--batch", type=int, default=4, help="global batch of part b; rows per rank of weak scaling")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per arm of part b")
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help=f"comma list of {', '.join(STRATEGIES)}: the 2-rank arms of part b (default: both; with --quick: ddp)",
+    )
     p.add_argument("--nodes", default="1,2,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--global-batches", default="4,64", type=lambda s: [int(x) for x in s.split(",")],
                    help="global batches (rows per step) of the strong-scaling projection")  # fmt: skip
@@ -551,6 +587,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"--machines: unknown {bad}; choose from {list(scaling.C3_MACHINES)}")
     args.parts = parts
+    strategies = [x.strip() for x in (args.strategies or "").split(",") if x.strip()]
+    if [x for x in strategies if x not in STRATEGIES] or (args.strategies is not None and "ddp" not in strategies):
+        p.error(f"--strategies: {args.strategies!r}; a comma list of {list(STRATEGIES)} that includes ddp")
+    args.strategies = strategies or (["ddp"] if args.quick else list(STRATEGIES))
     if args.quick:
         args.repeats = min(args.repeats, 1)
         args.allreduce_warmup, args.allreduce_repeats = 1, 3
@@ -602,6 +642,8 @@ TRAIN_COLUMNS = [
     ("arm", "name"),
     ("world size", "world_size"),
     ("backend", "backend"),
+    ("strategy", "strategy"),
+    ("base MiB on rank 0", "base_mib_rank_0"),
     ("steps", "steps"),
     ("tokens/s", "tokens_per_second"),
     ("per rank", "tokens_per_second_per_rank"),
@@ -650,7 +692,7 @@ def tables(records: list[dict[str, Any]]) -> str:
             ("All-reduce, gloo, 2 ranks on this machine (loopback)", ALLREDUCE_COLUMNS, "allreduce"),
             ("Ring fit of the one-tensor sizes", FIT_COLUMNS, "allreduce-fit"),
             ("Training: 2 ranks x 1 thread against 1 process x 2 threads", TRAIN_COLUMNS, "dist-train"),
-            ("2 ranks / 1 process", RATIO_COLUMNS, "dist-train-ratio"),
+            ("Ratios of the training arms", RATIO_COLUMNS, "dist-train-ratio"),
             ("Projected scaling on C3 nodes (LoRA r=16, one rank per node)", PROJECTION_COLUMNS, "projection"),
         ],
     )

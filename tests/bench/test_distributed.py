@@ -286,6 +286,24 @@ def test_training_records_read_the_distributed_summary():
     assert "#3" in distributed.pair_record(one, two, 3)["name"]
 
 
+def test_fsdp_arms_come_with_the_ddp_arm_they_are_compared_against():
+    assert [a[0] for a in distributed.train_arms(["ddp"])] == ["one", "ddp"]
+    assert [a[0] for a in distributed.train_arms(["ddp", "fsdp"])] == ["one", "ddp", "ddp-plain", "fsdp"]
+    arms = {a[0]: a for a in distributed.train_arms(["ddp", "fsdp"])}
+    assert "distributed.strategy=fsdp" in arms["fsdp"][4] and arms["ddp"][4] == []
+    # an fsdp run turns the CPU layer rewrites off (kubetune.plan): the plain DDP arm does too
+    assert {"cpu.lean_layers=off", "cpu.split_gemms=off"} <= set(arms["ddp-plain"][4])
+    assert all(a[2] == 2 and a[3] == 1 for k, a in arms.items() if k != "one")
+    pairs = {(one, two) for one, two, _ in distributed.TRAIN_PAIRS}
+    assert pairs == {("one", "ddp"), ("ddp-plain", "fsdp"), ("ddp", "fsdp")} and set(arms) >= {
+        k for p in pairs for k in p
+    }
+    fsdp = {"fsdp": {"units": 5, "base_bytes": 4 << 20, "base_bytes_this_rank": 2 << 20}, "strategy": "fsdp"}
+    rec = distributed.arm_record("f", 2, 1, _summary(2, 150.0, [[1, 3.0]], **fsdp), wall=1.0)
+    assert (rec["strategy"], rec["base_mib_rank_0"]) == ("fsdp", 2.0)
+    assert distributed.arm_record("d", 2, 1, _summary(2, 150.0, [[1, 3.0]]), wall=1.0)["base_mib_rank_0"] is None
+
+
 def test_training_part_skips_a_kubetune_without_torchrun_support():
     old = _summary(0, 200.0, [[1, 3.0]])
     msg = distributed.unsupported_message(old, "/venv/bin/kubetune")
@@ -327,6 +345,12 @@ def test_arguments():
         distributed.parse_args(["--parts", "warp"])
     with pytest.raises(SystemExit):
         distributed.parse_args(["--machines", "c3-standard-7"])
+    assert distributed.parse_args(["--quick"]).strategies == ["ddp"]
+    assert distributed.parse_args([]).strategies == ["ddp", "fsdp"]
+    assert distributed.parse_args(["--quick", "--strategies", "ddp,fsdp"]).strategies == ["ddp", "fsdp"]
+    for bad in ("fsdp", "ddp,zero3", ""):  # the DDP arm is every ratio's reference
+        with pytest.raises(SystemExit):
+            distributed.parse_args(["--strategies", bad])
 
 
 def test_help_runs():
@@ -392,7 +416,15 @@ def test_training_comparison_runs(tmp_path, tiny_model_dir):
     assert one["steps"] == two["steps"] == 2 and len(two["tokens_per_second_per_rank"]) == 2
     assert two["allreduce_bytes_per_step"] > 0 and two["collective_seconds_per_step"] > 0
     assert one["trainable_parameters"] == two["trainable_parameters"]
-    (pair,) = [r for r in read_records(out) if r["bench"] == "dist-train-ratio"]
-    assert pair["tokens_per_second_ratio"] == pytest.approx(
+    pairs = by_name(read_records(out), "dist-train-ratio")
+    assert pairs["2 ranks x 1 thread / 1 process x 2 threads"]["tokens_per_second_ratio"] == pytest.approx(
         two["tokens_per_second"] / one["tokens_per_second"], rel=0.01
     )
+    # the fsdp arm sharded the base over both ranks; the DDP arm it is set against ran the same arithmetic
+    fsdp, plain = records["2 ranks x 1 thread, fsdp"], records["2 ranks x 1 thread, ddp, CPU rewrites off"]
+    assert (fsdp["strategy"], plain["strategy"], two["strategy"]) == ("fsdp", "ddp", "ddp")
+    assert fsdp["base_mib_rank_0"] > 0 and plain["base_mib_rank_0"] is None
+    assert max(abs(a[1] - b[1]) for a, b in zip(fsdp["loss_curve"], plain["loss_curve"], strict=True)) < 1e-5
+    ratio = pairs["fsdp / ddp, both with the CPU rewrites off"]["tokens_per_second_ratio"]
+    assert ratio == pytest.approx(fsdp["tokens_per_second"] / plain["tokens_per_second"], rel=0.01)
+    assert "fsdp / ddp as each runs by default" in pairs
