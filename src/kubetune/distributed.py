@@ -11,7 +11,8 @@ What the stage does with it, in order: :func:`session` starts the process group 
 :func:`on_writer` runs what only the writer (global rank 0) may do (take the output folder, choose the resume point)
 and hands its outcome, or its one-line error, to every rank; :func:`any_rank` turns one rank's SIGTERM into every
 rank's; :func:`shard_base` shards the frozen base over the ranks (``distributed.strategy: fsdp``);
-:class:`CommMeter` times the gradient all-reduce of DDP (only the trainable, adapter, parameters are reduced);
+:class:`CommMeter` times the gradient all-reduce of DDP (only the trainable, adapter, parameters are reduced) and,
+under fsdp, FSDP's all-gathers of the sharded base;
 :func:`gather` collects per-rank figures for ``training_summary.json``.
 """
 
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -294,14 +296,54 @@ def shard_base(model, world: World, device: str) -> dict[str, Any]:
 
 @dataclass
 class CommMeter:
-    """Wall time and bytes of DDP's gradient all-reduce, summed over the run (:meth:`install` on the DDP model).
+    """Wall time and bytes of the run's collectives, summed over the run: DDP's gradient all-reduce (:meth:`install`
+    on the DDP model) and, under fsdp, FSDP's all-gathers of the base's weights (:meth:`install_gathers`).
 
-    Each bucket's time runs from launching its all-reduce to its completion: it overlaps the rest of backward and
-    includes the wait for the slowest rank, so it is an upper bound on what communication costs a step."""
+    Each collective's time runs from launching it to its completion: it overlaps the computation running meanwhile
+    (the rest of backward; the current layer while the next is prefetched) and includes the wait for the slowest rank,
+    so it is an upper bound on what communication costs a step. Completions are counted on the backend's thread."""
 
     seconds: float = 0.0
     bytes: int = 0
     calls: int = 0
+    gather_seconds: float = 0.0
+    gather_bytes: int = 0
+    gather_calls: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def _gathered(self, seconds: float, nbytes: int) -> None:
+        with self._lock:
+            self.gather_seconds += seconds
+            self.gather_bytes += nbytes
+            self.gather_calls += 1
+
+    def install_gathers(self, model) -> int:
+        """Time every all-gather of the FSDP units in ``model`` (FSDP2's public ``set_custom_all_gather``, with
+        torch's default all-gather inside). Returns how many units are metered (0 when nothing is sharded)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if not units:
+            return 0
+        # The class set_custom_all_gather documents (AllGather), in torch's default form; not re-exported publicly.
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+        meter = self
+
+        class TimedAllGather(DefaultAllGather):
+            def __call__(self, output_tensor, input_tensor, group, async_op=False):
+                t0 = time.perf_counter()
+                nbytes = output_tensor.numel() * output_tensor.element_size()
+                work = super().__call__(output_tensor, input_tensor, group, async_op)
+                if work is None:  # synchronous: done on return
+                    meter._gathered(time.perf_counter() - t0, nbytes)
+                else:
+                    work.get_future().add_done_callback(lambda _: meter._gathered(time.perf_counter() - t0, nbytes))
+                return work
+
+        for unit in units:
+            unit.set_custom_all_gather(TimedAllGather())
+        return len(units)
 
     def install(self, ddp_model) -> None:
         import torch.distributed as dist
@@ -333,7 +375,9 @@ def prepare(model, world: World) -> CommMeter | None:
         return None
     left_out = ignore_frozen_parameters(model)
     log.info("DDP: %d frozen parameters left out of the broadcast and the all-reduce", left_out)
-    return CommMeter()
+    meter = CommMeter()
+    meter.install_gathers(model)
+    return meter
 
 
 def accelerate_backend(plan) -> str | None:
@@ -345,12 +389,14 @@ def accelerate_backend(plan) -> str | None:
 
 def summary(world: World, plan, local: dict[str, Any], meter: CommMeter | None) -> dict[str, Any]:
     """The run's figures over every rank (every rank must call it): the plan's backend and strategy, the tokens of
-    all ranks, each rank's tokens/s, and DDP's all-reduce time and bytes per optimizer step (mean over the ranks)."""
+    all ranks, each rank's tokens/s, and per optimizer step (mean over the ranks) the time in collectives (DDP's
+    all-reduce and, under fsdp, FSDP's all-gathers) and the bytes of each."""
     mine = {
         "tokens": int(local.get("tokens_this_run", 0)),
         "seconds": float(local.get("train_seconds") or 0.0),
-        "comm_seconds": meter.seconds if meter else 0.0,
+        "comm_seconds": (meter.seconds + meter.gather_seconds) if meter else 0.0,
         "comm_bytes": meter.bytes if meter else 0,
+        "gather_bytes": meter.gather_bytes if meter else 0,
     }
     every = gather(world, mine)
     steps = max(int(local.get("steps_this_run") or 0), 1)
@@ -366,6 +412,7 @@ def summary(world: World, plan, local: dict[str, Any], meter: CommMeter | None) 
         "tokens_per_second_per_rank": [r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0 for r in every],
         "collective_seconds_per_step": sum(r["comm_seconds"] for r in every) / len(every) / steps,
         "allreduce_bytes_per_step": sum(r["comm_bytes"] for r in every) // len(every) // steps,
+        "allgather_bytes_per_step": sum(r["gather_bytes"] for r in every) // len(every) // steps,
     }
 
 

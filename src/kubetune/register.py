@@ -6,9 +6,9 @@ makes a second run) in experiment ``tracking.experiment`` with:
 - params: the full resolved config (``cfg.flat()``, values as strings);
 - metrics: every number in the eval report's ``metrics.json`` (``eval_loss``, ``base_eval_loss``, ...), the training
   summary's ``train_tokens_per_second``, ``train_seconds``, ``tokens_seen``, ``global_step``, ``final_loss``,
-  ``peak_rss_bytes``, ``world_size``, ``collective_seconds_per_step``, ``allreduce_bytes_per_step`` and each rank's
-  ``train_tokens_per_second_rank_<r>``, the data/pack counts (``data.*``, ``pack.*``), and the training curve as
-  ``train_loss`` by step;
+  ``peak_rss_bytes``, ``world_size``, ``collective_seconds_per_step``, ``allreduce_bytes_per_step``,
+  ``allgather_bytes_per_step`` (fsdp) and each rank's ``train_tokens_per_second_rank_<r>``, the data/pack counts
+  (``data.*``, ``pack.*``), and the training curve as ``train_loss`` by step;
 - artifacts: ``adapter/`` (the whole adapter folder: weights, tokenizer, ``base_model.json``, ``merged/`` when
   made), ``eval/``, ``data/`` and ``pack/`` reports, ``training_summary.json``, ``config.yaml``;
 - tags: ``kubetune.distributed_backend`` (``gloo``, ``nccl``, ``ccl``; ``none`` for one process) and
@@ -89,6 +89,7 @@ SUMMARY_METRICS = (
     "world_size",
     "collective_seconds_per_step",
     "allreduce_bytes_per_step",
+    "allgather_bytes_per_step",
 )
 
 

@@ -300,7 +300,9 @@ def test_fsdp_arms_come_with_the_ddp_arm_they_are_compared_against():
     }
     fsdp = {"fsdp": {"units": 5, "base_bytes": 4 << 20, "base_bytes_this_rank": 2 << 20}, "strategy": "fsdp"}
     rec = distributed.arm_record("f", 2, 1, _summary(2, 150.0, [[1, 3.0]], **fsdp), wall=1.0)
-    assert (rec["strategy"], rec["base_mib_rank_0"]) == ("fsdp", 2.0)
+    assert (rec["strategy"], rec["base_mib_rank_0"], rec["allgather_mib_per_step"]) == ("fsdp", 2.0, None)
+    rec = distributed.arm_record("f", 2, 1, _summary(2, 150.0, [[1, 3.0]], allgather_bytes_per_step=3 << 20), 1.0)
+    assert rec["allgather_mib_per_step"] == 3.0
     assert distributed.arm_record("d", 2, 1, _summary(2, 150.0, [[1, 3.0]]), wall=1.0)["base_mib_rank_0"] is None
 
 
@@ -424,6 +426,7 @@ def test_training_comparison_runs(tmp_path, tiny_model_dir):
     fsdp, plain = records["2 ranks x 1 thread, fsdp"], records["2 ranks x 1 thread, ddp, CPU rewrites off"]
     assert (fsdp["strategy"], plain["strategy"], two["strategy"]) == ("fsdp", "ddp", "ddp")
     assert fsdp["base_mib_rank_0"] > 0 and plain["base_mib_rank_0"] is None
+    assert fsdp["allgather_mib_per_step"] > 0 and plain["allgather_mib_per_step"] is None
     assert max(abs(a[1] - b[1]) for a, b in zip(fsdp["loss_curve"], plain["loss_curve"], strict=True)) < 1e-5
     ratio = pairs["fsdp / ddp, both with the CPU rewrites off"]["tokens_per_second_ratio"]
     assert ratio == pytest.approx(fsdp["tokens_per_second"] / plain["tokens_per_second"], rel=0.01)

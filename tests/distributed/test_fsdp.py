@@ -49,6 +49,10 @@ def test_two_ranks_shard_the_base_and_follow_the_one_process_loss_curve_and_adap
     assert "FSDP: frozen base sharded over 2 ranks in 5 LlamaDecoderLayer units" in log0
     # The adapter is outside FSDP: DDP all-reduces its fp32 gradients and nothing else, once per optimizer step.
     assert two["allreduce_bytes_per_step"] == 4 * two["trainable_parameters"]
+    # One micro-batch per rank and step: the forward gathers every unit's whole weights once, the backward the
+    # decoder layers' again (resharded after the forward); the root stays gathered. Timed with the all-reduce.
+    assert sharded["base_bytes"] < two["allgather_bytes_per_step"] < 2 * sharded["base_bytes"]
+    assert two["collective_seconds_per_step"] > 0
 
 
 def test_only_rank_0_writes_and_checkpoints_are_the_ddp_ones(fsdp_two_nodes, two_nodes):

@@ -48,7 +48,7 @@ def test_two_ranks_follow_the_one_process_loss_curve_and_adapter(reference, two_
     assert len(rates) == 2 and all(r > 0 for r in rates)
     assert two["train_tokens_per_second"] > 0
     # DDP all-reduces the adapter's fp32 gradients and nothing else, once per optimizer step.
-    assert two["allreduce_bytes_per_step"] == 4 * two["trainable_parameters"]
+    assert two["allreduce_bytes_per_step"] == 4 * two["trainable_parameters"] and two["allgather_bytes_per_step"] == 0
     assert two["collective_seconds_per_step"] > 0
     assert (ref["allreduce_bytes_per_step"], ref["collective_seconds_per_step"]) == (0, 0.0)
     assert two["settings"]["backend"]["value"] == "gloo"

@@ -81,6 +81,7 @@ def make_run(
                 "tokens_per_second_per_rank": [21.5, 21.0],
                 "collective_seconds_per_step": 0.004,
                 "allreduce_bytes_per_step": 92480,
+                "allgather_bytes_per_step": 1948928,
             },
         )
         (w.tmp / "config.yaml").write_text("method: lora\n")
@@ -177,6 +178,7 @@ def test_first_version_beating_the_base_is_promoted_with_everything_logged(store
     assert r.data.metrics["train_tokens_per_second"] == 42.5
     assert (r.data.metrics["world_size"], r.data.metrics["allreduce_bytes_per_step"]) == (2, 92480)
     assert r.data.metrics["collective_seconds_per_step"] == 0.004
+    assert r.data.metrics["allgather_bytes_per_step"] == 1948928
     assert (r.data.metrics["train_tokens_per_second_rank_0"], r.data.metrics["train_tokens_per_second_rank_1"]) == (
         21.5,
         21.0,

@@ -239,7 +239,11 @@ def test_training_summary_records_the_run(workspace, tmp_path):
     assert (s["world_size"], s["backend"], s["settings"]["backend"]["value"]) == (1, None, None)
     assert (s["strategy"], s["settings"]["strategy"]["value"]) == (None, None)
     assert s["tokens_per_second_per_rank"] == [s["train_tokens_per_second"]] and s["train_tokens_per_second"] > 0
-    assert (s["collective_seconds_per_step"], s["allreduce_bytes_per_step"]) == (0.0, 0)
+    assert (s["collective_seconds_per_step"], s["allreduce_bytes_per_step"], s["allgather_bytes_per_step"]) == (
+        0.0,
+        0,
+        0,
+    )
     assert s["settings"]["lm_head"]["value"] == "chunked"  # on CPU
     # on CPU every distinct frozen layer shape was timed; whichever split won, the plans say so and why
     assert s["settings"]["split_gemms"]["value"] == "on"
