@@ -154,3 +154,29 @@ def preempt(dws, tmp, d: Dirs, rank: int, nproc: int = 2):
     else:
         assert rc == 3
     return step
+
+
+def lose_a_rank(ws, tmp, d: Dirs, how: int) -> int:
+    """Start a 2-rank run of workspace ``ws``, send rank 1 ``how`` (SIGKILL: its connections close at once; SIGSTOP:
+    a hung rank, a node gone silent) once the first checkpoint is sealed, and check that rank 0 gave up within
+    ``distributed.timeout_s`` in one line, torchrun failed the job naming the lost rank, and nothing was sealed after
+    the loss. Returns the newest intact checkpoint's step, where the restart resumes."""
+    proc = start(tmp, torchrun(*ws.train_args(d.out, d.ckpt), nproc=2))
+    pids = rank_pids(proc, 2)
+    wait_for("the first periodic checkpoint", lambda: bool(sealed_steps(d.ckpt)), proc)
+    sealed_before = set(intact_steps(d.ckpt))
+    t0 = time.monotonic()
+    os.kill(pids[1], how)
+    lost = "kubetune: rank 0 of 2 lost contact with another rank ("
+    wait_for("rank 0 to give up", lambda: lost in proc.stderr(), proc, timeout=TIMEOUT_S + 30)
+    assert time.monotonic() - t0 <= TIMEOUT_S + 15
+    if how == signal.SIGSTOP:
+        os.kill(pids[1], signal.SIGKILL)
+    assert proc.wait() == 1
+    log = proc.stderr()
+    codes = rank_exit_codes(log)
+    assert codes[1] == -9, log[-3000:]  # torchrun's report names the lost rank
+    assert "Traceback" not in log.split("torch/distributed/elastic")[0].split(lost)[0][-2000:]
+    # Nothing was sealed after the loss; every sealed checkpoint is intact.
+    assert set(intact_steps(d.ckpt)) >= sealed_before and set(sealed_steps(d.ckpt)) == set(intact_steps(d.ckpt))
+    return intact_steps(d.ckpt)[-1]

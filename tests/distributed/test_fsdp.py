@@ -1,15 +1,18 @@
 """`kubetune train` with ``distributed.strategy: fsdp`` under a real torchrun (gloo, CPU): the frozen base is sharded
 over the ranks (FSDP2, one unit per decoder layer) while the adapter stays whole on each; two ranks follow the
 one-process optimisation, only rank 0 writes, checkpoints are DDP's (sealed, world-size independent), and a SIGTERM
-to either rank stops both with one sealed checkpoint that resumes on one rank or two."""
+to either rank stops both with one sealed checkpoint that resumes on one rank or two, and a rank killed with -9
+fails the job (never a hang) with a checkpoint the restart resumes."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
 from reliability.procs import intact_steps, max_abs_diff, sealed_steps, summary
 
-from .runs import MAX_STEPS, Dirs, follows, one_process, preempt, run, torchrun
+from .runs import MAX_STEPS, Dirs, follows, library_warnings, lose_a_rank, one_process, preempt, run, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -91,9 +94,24 @@ def test_sigterm_under_fsdp_stops_both_and_the_retry_resumes_on_any_world_size(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from checkpoint-{step} (step {step})" in rerun.stderr
     assert ("RNG states not restored" in rerun.stderr) == (resume_on != 2)
+    assert not library_warnings(rerun.stderr)
     s = summary(d.out)
     assert (s["global_step"], s["world_size"], step + s["steps_this_run"]) == (MAX_STEPS, resume_on, MAX_STEPS)
     assert s["strategy"] == ("fsdp" if resume_on > 1 else None)
     assert s["tokens_seen"] == summary(fsdp_reference.out)["tokens_seen"]
     assert [st for st, _ in s["loss_curve"]] == list(range(1, MAX_STEPS + 1))
+    assert max_abs_diff(d.out, fsdp_reference.out) <= TOLERANCE
+
+
+def test_a_rank_killed_under_fsdp_fails_the_job_within_the_timeout_and_the_restart_resumes(
+    fws, fsdp_reference, tmp_path
+):
+    """Under fsdp the survivor is waiting in an all-gather of the next layer's weights as often as in DDP's
+    all-reduce: either collective fails at once when the peer's connection closes."""
+    d = Dirs.under(tmp_path)
+    newest = lose_a_rank(fws, tmp_path, d, signal.SIGKILL)
+    rerun = run(torchrun(*fws.train_args(d.out, d.ckpt), nproc=2))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = summary(d.out)
+    assert (s["resumed_from_step"], s["global_step"], s["strategy"]) == (newest, MAX_STEPS, "fsdp")
     assert max_abs_diff(d.out, fsdp_reference.out) <= TOLERANCE

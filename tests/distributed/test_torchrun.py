@@ -4,25 +4,20 @@ or another world size, a rank killed with -9 fails the job (never a hang) and th
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 import pytest
-from reliability.procs import adapter_tensors, intact_steps, max_abs_diff, sealed_steps, summary, wait_for
+from reliability.procs import adapter_tensors, intact_steps, max_abs_diff, summary
 
 from .runs import (
     MAX_STEPS,
-    TIMEOUT_S,
     Dirs,
     follows,
     library_warnings,
+    lose_a_rank,
     one_process,
     preempt,
-    rank_exit_codes,
-    rank_pids,
     run,
-    start,
     torchrun,
 )
 
@@ -110,25 +105,7 @@ def test_a_lost_rank_fails_the_job_within_the_timeout_and_the_restart_resumes(dw
     """kill -9: the peer's connection closes at once; SIGSTOP (a hung rank, a node gone silent): the survivor gives
     up after distributed.timeout_s. Either way rank 0 says so in one line and seals nothing more."""
     d = Dirs.under(tmp_path)
-    proc = start(tmp_path, torchrun(*dws.train_args(d.out, d.ckpt), nproc=2))
-    pids = rank_pids(proc, 2)
-    wait_for("the first periodic checkpoint", lambda: bool(sealed_steps(d.ckpt)), proc)
-    sealed_before = set(intact_steps(d.ckpt))
-    t0 = time.monotonic()
-    os.kill(pids[1], how)
-    lost = "kubetune: rank 0 of 2 lost contact with another rank ("
-    wait_for("rank 0 to give up", lambda: lost in proc.stderr(), proc, timeout=TIMEOUT_S + 30)
-    assert time.monotonic() - t0 <= TIMEOUT_S + 15
-    if how == signal.SIGSTOP:
-        os.kill(pids[1], signal.SIGKILL)
-    assert proc.wait() == 1
-    log = proc.stderr()
-    codes = rank_exit_codes(log)
-    assert codes[1] == -9, log[-3000:]  # torchrun's report names the lost rank
-    assert "Traceback" not in log.split("torch/distributed/elastic")[0].split(lost)[0][-2000:]
-    # Nothing was sealed after the loss; every sealed checkpoint is intact.
-    assert set(intact_steps(d.ckpt)) >= sealed_before and set(sealed_steps(d.ckpt)) == set(intact_steps(d.ckpt))
-    newest = intact_steps(d.ckpt)[-1]
+    newest = lose_a_rank(dws, tmp_path, d, how)
 
     rerun = run(torchrun(*dws.train_args(d.out, d.ckpt), nproc=2))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
