@@ -325,9 +325,14 @@ def arm_record(name: str, ranks: int, threads: int, summary: dict[str, Any], wal
     }  # fmt: skip
 
 
-def pair_record(one: dict[str, Any], two: dict[str, Any], index: int | None, name: str = "") -> dict[str, Any]:
+def pair_record(
+    one: dict[str, Any],
+    two: dict[str, Any],
+    index: int | None,
+    name: str = "2 ranks x 1 thread / 1 process x 2 threads",
+) -> dict[str, Any]:
     """Arm ``two`` against arm ``one`` (by default 2 ranks against 1 process): tokens/s ratio, loss curves side by
-    side, and the share of ``two``'s step spent in DDP's all-reduce."""
+    side, and the share of ``two``'s step spent in collectives (DDP's all-reduce, and under fsdp the all-gathers)."""
     ratio = two["tokens_per_second"] / one["tokens_per_second"] if one.get("tokens_per_second") else None
     curve_a = dict(one.get("loss_curve") or [])
     curve_b = dict(two.get("loss_curve") or [])
@@ -337,7 +342,7 @@ def pair_record(one: dict[str, Any], two: dict[str, Any], index: int | None, nam
     coll = two.get("collective_seconds_per_step")
     return {
         "bench": "dist-train-ratio",
-        "name": (name or "2 ranks x 1 thread / 1 process x 2 threads") + (f" #{index}" if index else ""),
+        "name": name + (f" #{index}" if index else ""),
         "tokens_per_second_ratio": round(ratio, 3) if ratio else None,
         "max_loss_difference": round(diff, 5) if diff is not None else None,
         "loss_steps_compared": len(common_steps),
@@ -449,9 +454,9 @@ ONE_PROCESS = ("one", "1 process x 2 threads", 1, 2, [])
 DDP = ("ddp", "2 ranks x 1 thread (torchrun)", 2, 1, [])
 DDP_PLAIN = ("ddp-plain", "2 ranks x 1 thread, ddp, CPU rewrites off", 2, 1, REWRITES_OFF)
 FSDP = ("fsdp", "2 ranks x 1 thread, fsdp", 2, 1, ["--set", "distributed.strategy=fsdp"])
-# (arm, the arm set against it, the ratio's name; empty: the 2 ranks / 1 process ratio part b always reported)
+# (arm, the arm set against it, the ratio's name)
 TRAIN_PAIRS = (
-    ("one", "ddp", ""),
+    ("one", "ddp", "2 ranks x 1 thread / 1 process x 2 threads"),
     ("ddp-plain", "fsdp", "fsdp / ddp, both with the CPU rewrites off"),
     ("ddp", "fsdp", "fsdp / ddp as each runs by default"),
 )

@@ -85,7 +85,6 @@ RUN_ID_LABEL = "kubetune.io/run-id"
 ATTEMPT_LABEL = "kubetune.io/attempt"
 
 COMPLETE, FAILED = "Complete", "Failed"  # the TrainJob's terminal condition types
-PREEMPTED_MARKER = PREEMPTED_FILE  # written by rank 0 into the checkpoint folder on preemption
 WORK_FOLDER = "trainjob"  # under the run's checkpoint folder
 VOLUME = "kubetune-checkpoints"  # the volume's name inside the TrainJob's pods
 
@@ -867,7 +866,7 @@ def _disrupted(pod: dict[str, Any]) -> str | None:
 def preemption_marker(checkpoint_dir: str | Path, since: float) -> dict[str, Any] | None:
     """Rank 0's ``kubetune-preempted.json`` if it was written after ``since`` (epoch seconds; its ``time``, else
     the file's modification time), else None."""
-    path = Path(checkpoint_dir) / PREEMPTED_MARKER
+    path = Path(checkpoint_dir) / PREEMPTED_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         mtime = path.stat().st_mtime

@@ -303,28 +303,31 @@ class CommMeter:
     (the rest of backward; the current layer while the next is prefetched) and includes the wait for the slowest rank,
     so it is an upper bound on what communication costs a step. Completions are counted on the backend's thread."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0  # DDP's all-reduce
     bytes: int = 0
-    calls: int = 0
-    gather_seconds: float = 0.0
+    gather_seconds: float = 0.0  # FSDP's all-gathers
     gather_bytes: int = 0
-    gather_calls: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def _gathered(self, seconds: float, nbytes: int) -> None:
+    def _done(self, t0: float, nbytes: int, *, gather: bool) -> None:
+        """One collective launched at ``t0`` (``time.perf_counter``) completed, moving ``nbytes``."""
+        seconds = time.perf_counter() - t0
         with self._lock:
-            self.gather_seconds += seconds
-            self.gather_bytes += nbytes
-            self.gather_calls += 1
+            if gather:
+                self.gather_seconds += seconds
+                self.gather_bytes += nbytes
+            else:
+                self.seconds += seconds
+                self.bytes += nbytes
 
-    def install_gathers(self, model) -> int:
+    def install_gathers(self, model) -> None:
         """Time every all-gather of the FSDP units in ``model`` (FSDP2's public ``set_custom_all_gather``, with
-        torch's default all-gather inside). Returns how many units are metered (0 when nothing is sharded)."""
+        torch's default all-gather inside); nothing to do when nothing is sharded."""
         from torch.distributed.fsdp import FSDPModule
 
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         if not units:
-            return 0
+            return
         # The class set_custom_all_gather documents (AllGather), in torch's default form; not re-exported publicly.
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
@@ -336,14 +339,13 @@ class CommMeter:
                 nbytes = output_tensor.numel() * output_tensor.element_size()
                 work = super().__call__(output_tensor, input_tensor, group, async_op)
                 if work is None:  # synchronous: done on return
-                    meter._gathered(time.perf_counter() - t0, nbytes)
+                    meter._done(t0, nbytes, gather=True)
                 else:
-                    work.get_future().add_done_callback(lambda _: meter._gathered(time.perf_counter() - t0, nbytes))
+                    work.get_future().add_done_callback(lambda _: meter._done(t0, nbytes, gather=True))
                 return work
 
         for unit in units:
             unit.set_custom_all_gather(TimedAllGather())
-        return len(units)
 
     def install(self, ddp_model) -> None:
         import torch.distributed as dist
@@ -358,9 +360,7 @@ class CommMeter:
             fut = default_hooks.allreduce_hook(process_group, bucket)
 
             def done(f):
-                meter.seconds += time.perf_counter() - t0
-                meter.bytes += nbytes
-                meter.calls += 1
+                meter._done(t0, nbytes, gather=False)
                 return f.value()
 
             return fut.then(done)

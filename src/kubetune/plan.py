@@ -131,9 +131,9 @@ def check_world(cfg: Config, hw: Hardware, world: World) -> None:
     """The combinations that cannot run, refused with one line naming the key: a global batch that does not split
     over the ranks, FSDP of a 4-bit base (on any number of ranks, so that a config that one process accepts does
     not fail on two), a backend that does not fit the device or is not installed."""
-    if cfg.distributed.strategy == "fsdp" and cfg.method == "qlora":
-        raise UserError(FSDP_QLORA_REFUSED)
     if cfg.distributed.strategy == "fsdp":
+        if cfg.method == "qlora":
+            raise UserError(FSDP_QLORA_REFUSED)
         for key in ("lean_layers", "split_gemms"):
             if getattr(cfg.cpu, key) == "on":
                 raise UserError(
@@ -206,11 +206,11 @@ def choose_strategy(cfg: Config, world: World, model_config: Any = None) -> Deci
 
 def _decoder_layers(model_config: Any) -> str:
     """The decoder layer classes the model's transformers class names in ``_no_split_modules`` (what FSDP wraps)."""
+    import transformers
+
     names: list[str] = []
     for arch in getattr(model_config, "architectures", None) or []:
         try:
-            import transformers
-
             names += list(getattr(getattr(transformers, arch, None), "_no_split_modules", None) or [])
         except Exception:  # a remote-code or unknown class: the sharding step names them when it runs
             continue

@@ -30,6 +30,8 @@ from reliability.procs import (
     wait_for,
 )
 
+from kubetune.checkpoints import PREEMPTED_FILE
+
 MAX_STEPS = 40  # a few seconds: long enough that a signal sent after the first checkpoint lands mid-training
 SAVE_STEPS = 5
 TIMEOUT_S = 20  # distributed.timeout_s of these runs: no rank may wait longer for a dead peer
@@ -142,7 +144,7 @@ def preempt(dws, tmp, d: Dirs, rank: int, nproc: int = 2):
     step = steps.pop()
     assert SAVE_STEPS <= step < MAX_STEPS
     assert intact_steps(d.ckpt)[-1] == step and not d.out.exists()
-    record = json.loads((d.ckpt / "kubetune-preempted.json").read_text())
+    record = json.loads((d.ckpt / PREEMPTED_FILE).read_text())
     assert (record["step"], record["checkpoint"], record["world_size"]) == (
         step,
         str(d.ckpt / f"checkpoint-{step}"),

@@ -9,6 +9,8 @@ import signal
 import pytest
 from reliability.procs import adapter_tensors, intact_steps, max_abs_diff, summary
 
+from kubetune.checkpoints import PREEMPTED_FILE
+
 from .runs import (
     MAX_STEPS,
     Dirs,
@@ -86,7 +88,7 @@ def test_sigterm_to_either_rank_stops_both_and_the_retry_resumes_on_any_world_si
     assert s["tokens_seen"] == summary(reference.out)["tokens_seen"]
     assert [st for st, _ in s["loss_curve"]] == list(range(1, MAX_STEPS + 1))
     assert max_abs_diff(d.out, reference.out) <= TOLERANCE
-    assert not (d.ckpt / "kubetune-preempted.json").exists()  # the retry took the folder: the record is gone
+    assert not (d.ckpt / PREEMPTED_FILE).exists()  # the retry took the folder: the record is gone
 
 
 def test_one_process_preempted_resumes_on_two_ranks(dws, reference, tmp_path):

@@ -309,7 +309,8 @@ class FakeKube:
     TrainJobs (create, get, list by label, delete), pods (get, list by label) and pod logs (read, tail, follow as
     a chunked stream, as the API server sends it). Deleting a TrainJob deletes its pods (the garbage collector's
     work). ``controller(fake, trainjob)``, when set, plays Kubeflow Trainer: it is called in a thread after each
-    create. Every request is recorded; :meth:`fail` makes the next matching request answer an error."""
+    create (a controller that raises fails its TrainJob with the error). Every request is recorded; :meth:`fail`
+    makes the next matching request answer an error."""
 
     def __init__(self, namespace: str = "kubeflow") -> None:
         self.namespace = namespace
@@ -435,6 +436,18 @@ class FakeKube:
                 {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "node drained"}
             )
 
+    def _play(self, controller, job: dict[str, Any]) -> None:
+        """Run the test's controller; when it raises, the TrainJob fails with the error as its message, so the client
+        under test (which waits as long as a TrainJob runs) ends and the test fails on that error instead of hanging."""
+        try:
+            controller(self, job)
+        except Exception as err:
+            name = job["metadata"]["name"]
+            with self._lock:
+                if name in self.trainjobs:
+                    self.condition(name, "Failed", "TestControllerError", f"the test's controller raised {err!r}")
+            raise
+
     def condition(self, job: str, type_: str, reason: str, message: str = "") -> None:
         with self._lock:
             status = self.trainjobs[job].setdefault("status", {})
@@ -497,7 +510,7 @@ class FakeKube:
                 return 409, _status(409, "AlreadyExists", f'trainjobs "{body["metadata"]["name"]}" already exists')
             obj = self.store(body)
             if self.controller is not None:
-                t = threading.Thread(target=self.controller, args=(self, obj), daemon=True)
+                t = threading.Thread(target=self._play, args=(self.controller, obj), daemon=True)
                 self.threads.append(t)
                 t.start()
             return 201, obj

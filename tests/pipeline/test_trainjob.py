@@ -16,6 +16,7 @@ import pytest
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
 from kubetune import artifacts
+from kubetune.checkpoints import PREEMPTED_FILE
 from kubetune.config import Config, load
 from kubetune.errors import EXIT_PREEMPTED, Preempted, UserError
 from pipelines import placement, trainjob
@@ -347,7 +348,7 @@ def preempt_with_marker(kube: FakeKube, job: dict, *, when: float | None = None)
     time.sleep(0.05)
     ckpt = arg(job, "--out").parents[1]  # the run's checkpoint folder
     marker = {"step": 7, "checkpoint": str(ckpt / "checkpoint-7"), "world_size": 2, "time": when or time.time() + 1}
-    (ckpt / trainjob.PREEMPTED_MARKER).write_text(json.dumps(marker))
+    (ckpt / PREEMPTED_FILE).write_text(json.dumps(marker))
     for pod in pods:
         kube.end_pod(pod, 1)
     kube.condition(name, "Failed", "FailedJobs", "jobset failed")
